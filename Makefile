@@ -1,0 +1,41 @@
+# `make demo` and `make test` work on a fresh machine: they use the active virtual environment, or
+# create ./.venv, install attnzoo into it and run.
+PYTHON ?= python3
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+PY := python
+else
+PY := $(VENV)/bin/python
+endif
+STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.attnzoo-installed
+
+.PHONY: install install-dev demo test lint clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP)-base: setup.cfg pyproject.toml | $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP)-dev: setup.cfg pyproject.toml | $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)-base
+
+install-dev: $(STAMP)-dev
+
+demo: install
+	$(PY) scripts/zoo_table.py
+
+lint: install-dev
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,14 @@
+"""Functional attention ops: a PyTorch reference and, where written, a fused Triton kernel each.
+
+Every op takes and returns plain tensors in the layout its docstring states and owns no
+parameters. Which implementation runs is chosen by one switch (:mod:`attnzoo.kernels.dispatch`).
+"""
+from .channel_attention import channel_attention
+from .dispatch import KERNEL_MODES, KernelOp, kernel_mode, set_kernel_mode, use_kernels
+from .single_head_attention import single_head_attention
+from .window_attention import window_attention
+
+__all__ = [
+    'KERNEL_MODES', 'KernelOp', 'kernel_mode', 'set_kernel_mode', 'use_kernels',
+    'channel_attention', 'single_head_attention', 'window_attention',
+]

@@ -1,0 +1,107 @@
+"""One switch between the PyTorch reference and the fused Triton implementation of every op.
+
+The mode comes from the environment variable ``ATTNZOO_KERNELS`` (read once, at import) and can be
+changed for a block of code with :func:`use_kernels` or for the process with :func:`set_kernel_mode`:
+
+* ``auto`` (default): the Triton kernel where the op has one and it supports the inputs (CUDA
+  tensors of a supported shape and dtype), the reference everywhere else. Never fails for lack of
+  a kernel.
+* ``reference``: always the plain PyTorch reference.
+* ``triton``: the Triton kernel of every op that has one; an input that kernel cannot take raises
+  a ``NotImplementedError`` that says why. Ops that have no Triton kernel yet run their reference.
+"""
+import contextlib
+import functools
+import os
+from typing import Callable, Iterator, Optional
+
+__all__ = ['KERNEL_MODES', 'kernel_mode', 'set_kernel_mode', 'use_kernels', 'kernel_op', 'KernelOp']
+
+KERNEL_MODES = ('auto', 'reference', 'triton')
+
+
+def _validate_mode(mode: str) -> str:
+    mode = mode.strip().lower()
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"attnzoo kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    return mode
+
+
+_mode = _validate_mode(os.environ.get('ATTNZOO_KERNELS', 'auto') or 'auto')
+
+
+def kernel_mode() -> str:
+    """The implementation mode in force: 'auto', 'reference' or 'triton'."""
+    return _mode
+
+
+def set_kernel_mode(mode: str) -> None:
+    """Set the implementation mode for the whole process."""
+    global _mode
+    _mode = _validate_mode(mode)
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str) -> Iterator[None]:
+    """Run the enclosed code with the given implementation mode, restoring the previous one after.
+
+    >>> with use_kernels('reference'):
+    ...     y = model(x)
+    """
+    previous = kernel_mode()
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        set_kernel_mode(previous)
+
+
+# Returns None when the kernel can take these inputs, else the reason it cannot.
+SupportsFn = Callable[..., Optional[str]]
+
+
+class KernelOp:
+    """A public op: its reference function, plus an optional Triton implementation.
+
+    Calling the op runs the implementation the current mode selects. The reference is kept as
+    ``op.reference`` so tests can always reach the oracle directly.
+    """
+
+    def __init__(self, reference: Callable):
+        functools.update_wrapper(self, reference)
+        self.name = reference.__name__
+        self.reference = reference
+        self.triton: Optional[Callable] = None
+        self._triton_supports: Optional[SupportsFn] = None
+
+    def register_triton(self, fn: Callable, supports: SupportsFn) -> None:
+        """Plug in the fused implementation and the predicate telling which inputs it takes."""
+        self.triton = fn
+        self._triton_supports = supports
+
+    def triton_unsupported_reason(self, *args, **kwargs) -> Optional[str]:
+        """None when the Triton kernel takes these inputs, else a sentence saying why not."""
+        if self.triton is None:
+            return f'{self.name} has no Triton implementation'
+        return self._triton_supports(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        mode = _mode
+        if mode != 'reference' and self.triton is not None:
+            reason = self._triton_supports(*args, **kwargs)
+            if reason is None:
+                return self.triton(*args, **kwargs)
+            if mode == 'triton':
+                raise NotImplementedError(
+                    f"ATTNZOO_KERNELS='triton' but the Triton {self.name} cannot take these inputs: {reason}. "
+                    f"Use mode 'auto' to fall back to the reference implementation.")
+        return self.reference(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        impls = 'reference' + (', triton' if self.triton is not None else '')
+        return f'KernelOp({self.name}: {impls})'
+
+
+def kernel_op(reference: Callable) -> KernelOp:
+    """Decorator making a reference implementation the dispatching public op of the same name."""
+    return KernelOp(reference)

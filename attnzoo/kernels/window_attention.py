@@ -1,0 +1,53 @@
+"""Multi-head self-attention inside non-overlapping windows of a feature map (Swin / DaViT W-MSA)."""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import kernel_op
+
+__all__ = ['window_attention']
+
+
+@kernel_op
+def window_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window_size: Union[int, Tuple[int, int]],
+        scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of every position to all positions of its own window, each head on its own.
+
+    Args:
+        q, k, v: ``(B, H, W, heads, head_dim)``. H and W must be multiples of the window size:
+            callers pad the map first (DaViT pads the normalised map with zeros on the right and
+            bottom, so padded positions take part as keys with the projection's bias).
+            A batch of maps exactly one window large (``H, W == window_size``) needs no
+            partitioning at all, which is how blocks that partition once pass their windows.
+        window_size: window height and width (int or pair).
+        scale: logit scale, default ``head_dim ** -0.5``.
+
+    Returns:
+        ``(B, H, W, heads, head_dim)``, the attention output at every position.
+    """
+    wh, ww = (window_size, window_size) if isinstance(window_size, int) else window_size
+    if q.dim() != 5 or q.shape != k.shape or q.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f'window_attention expects q, k, v of shape (B, H, W, heads, head_dim) with matching shapes, '
+            f'got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}')
+    B, H, W, heads, _ = q.shape
+    if H % wh or W % ww:
+        raise ValueError(f'window_attention needs H, W divisible by the window {wh}x{ww}, got {H}x{W}: pad first')
+    nh, nw = H // wh, W // ww
+
+    def to_windows(t: torch.Tensor) -> torch.Tensor:
+        # (B, H, W, heads, d) -> (B * nh * nw, heads, wh * ww, d); a view when nh == nw == 1
+        d = t.shape[-1]
+        t = t.reshape(B, nh, wh, nw, ww, heads, d).permute(0, 1, 3, 5, 2, 4, 6)
+        return t.reshape(B * nh * nw, heads, wh * ww, d)
+
+    out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), scale=scale)
+    d_v = v.shape[-1]
+    out = out.reshape(B, nh, nw, heads, wh, ww, d_v).permute(0, 1, 4, 2, 5, 3, 6)
+    return out.reshape(B, H, W, heads, d_v)

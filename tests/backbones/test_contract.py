@@ -1,0 +1,220 @@
+"""The timm contract, as timm checks its own models: heavy checks on the smallest variant of each
+family, cheap ones (registration, cfgs, parameter counts on the meta device) on every model."""
+import pytest
+import timm
+import torch
+from timm.models import adapt_input_conv
+
+import attnzoo
+from attnzoo.backbones import FAMILIES
+
+from ..conftest import randomize_
+
+ALL = attnzoo.list_models()
+# the smallest variant of each family runs the heavy checks
+HEAVY = ['az_davit_tiny', 'az_shvit_s1']
+NON_SQUARE = (200, 168)  # neither side a multiple of 32
+
+# the authors' own parameter counts (shared/FAMILIES.md), 1000 classes
+PAPER_PARAMS = {
+    'az_davit_tiny': 28_360_168, 'az_davit_small': 49_745_896, 'az_davit_base': 87_954_408,
+    'az_shvit_s1': 6_330_808, 'az_shvit_s2': 11_483_072, 'az_shvit_s3': 14_245_273, 'az_shvit_s4': 16_588_484,
+}
+# Florence-2 towers: timm's davit_base_fl / davit_huge_fl, counted on the meta device
+TIMM_TWINS = {'az_davit_base_fl': 'davit_base_fl', 'az_davit_huge_fl': 'davit_huge_fl'}
+
+
+def _meta(name, **kwargs):
+    with torch.device('meta'):
+        return timm.create_model(name, **kwargs)
+
+
+def _num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_every_family_is_registered_with_prefix():
+    assert set(HEAVY) <= set(ALL)
+    assert all(name.startswith('az_') for name in ALL)
+    assert timm.list_models('az_*') == ALL
+    assert {m.split('_')[1] for m in ALL} == set(FAMILIES)
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_parameter_count_matches_the_paper(name):
+    model = _meta(name)
+    if name in PAPER_PARAMS:
+        assert _num_params(model) == PAPER_PARAMS[name]
+    else:
+        assert _num_params(model) == _num_params(_meta(TIMM_TWINS[name]))
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_pretrained_cfg(name):
+    tagged = timm.list_models(name, pretrained=True)
+    assert len(tagged) == 1, f'{name} should have exactly one pretrained tag'
+    cfg = timm.models.get_pretrained_cfg(tagged[0])
+    assert cfg.hf_hub_id and cfg.license and cfg.paper_ids
+    model = _meta(name)
+    sd = model.state_dict()
+    assert cfg.first_conv + '.weight' in sd
+    if cfg.num_classes:
+        assert cfg.classifier + '.weight' in sd
+    card = attnzoo.model_card(tagged[0])
+    assert card.weights.startswith('hf-hub:') and card.input_size == cfg.input_size
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_forward_default_and_non_square(name):
+    model = timm.create_model(name).eval()
+    size = model.pretrained_cfg['input_size']
+    with torch.no_grad():
+        for shape in [(2, *size), (1, 3, *NON_SQUARE)]:
+            out = model(torch.randn(shape))
+            assert out.shape == (shape[0], model.num_classes)
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_backward_42_classes_reaches_every_parameter(name):
+    model = timm.create_model(name, num_classes=42)
+    out = model(torch.randn(2, 3, 96, 96))
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f'no gradient for {missing}'
+    # 42-class heads are reported by get_classifier
+    assert model.get_classifier().out_features == 42
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_features_head_and_classifier_reset(name):
+    model = timm.create_model(name).eval()
+    cfg = model.pretrained_cfg
+    x = torch.randn(1, *cfg['input_size'])
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (1, model.num_features, *cfg['pool_size'])
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (1, model.head_hidden_size)
+        logits = model(x)
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), pre)
+        model.reset_classifier(0, '')
+        assert model(x).shape == feats.shape
+        model.reset_classifier(10, 'avg')
+        assert model(x).shape == (1, 10)
+    assert logits.shape == (1, 1000)
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_features_only_getter_and_intermediates(name, tmp_path):
+    model = randomize_(timm.create_model(name)).eval()
+    path = tmp_path / 'weights.pth'
+    torch.save(model.state_dict(), path)
+    weights = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    x = torch.randn(1, 3, *NON_SQUARE)
+    fm = timm.create_model(name, features_only=True, **weights).eval()
+    info = fm.feature_info
+    assert len(info.channels()) >= 3
+    getter = timm.create_model(name, features_only=True, feature_cls='getter', **weights).eval()
+    picked = timm.create_model(name, features_only=True, out_indices=(1, -1), **weights).eval()
+    with torch.no_grad():
+        outs, gouts = fm(x), getter(x)
+        final, inter = model.forward_intermediates(x)
+        only = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True, stop_early=True)
+        feats = model.forward_features(x)
+        picked_outs = picked(x)
+    for o, g, i, c, r in zip(outs, gouts, inter, info.channels(), info.reduction()):
+        # each level has the channels feature_info states and the stride (padded maps round up)
+        expected = (1, c, -(-x.shape[2] // r), -(-x.shape[3] // r))
+        assert o.shape == g.shape == i.shape == expected
+        torch.testing.assert_close(o, i)
+        torch.testing.assert_close(g, i)
+    torch.testing.assert_close(final, feats)
+    assert len(only) == 2
+    torch.testing.assert_close(only[0], inter[0])
+    torch.testing.assert_close(only[1], inter[-1])
+    assert len(picked_outs) == 2 and picked_outs[0].shape[1] == info.channels()[1]
+
+    num_stages = len(model.feature_info)
+    pruned = timm.create_model(name).eval()
+    pruned.load_state_dict(model.state_dict())
+    taken = pruned.prune_intermediate_layers(indices=[0, 1])
+    assert taken == [0, 1] and len(pruned.stages) == 2 < num_stages
+    with torch.no_grad():
+        kept = pruned.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    torch.testing.assert_close(kept[1], inter[1])
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_grad_checkpointing_leaves_output_unchanged(name):
+    model = randomize_(timm.create_model(name))
+    x = torch.randn(2, 3, 96, 80)
+    ref = model(x)
+    model.set_grad_checkpointing(True)
+    out = model(x)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_model_api_methods(name):
+    model = _meta(name)
+    matcher = model.group_matcher()
+    assert 'stem' in matcher and 'blocks' in matcher
+    assert isinstance(model.no_weight_decay(), set)
+
+
+@pytest.mark.parametrize('name', HEAVY)
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_in_chans_build_run_and_adapt_pretrained(name, in_chans, tmp_path):
+    source = randomize_(timm.create_model(name))
+    path = tmp_path / 'weights.pth'
+    torch.save(source.state_dict(), path)
+    model = timm.create_model(name, in_chans=in_chans, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    first_conv = model.pretrained_cfg['first_conv'] + '.weight'
+    expected = adapt_input_conv(in_chans, source.state_dict()[first_conv])
+    torch.testing.assert_close(model.state_dict()[first_conv], expected)
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, in_chans, 96, 96))
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_bad_input_raises_value_error_with_shapes(name):
+    model = timm.create_model(name).eval()
+    minimum = type(model).min_input_size
+    with pytest.raises(ValueError, match=r'3 input channels.*\(2, 4, 96, 96\)'):
+        model(torch.randn(2, 4, 96, 96))
+    with pytest.raises(ValueError, match=r'3-D tensor.*\(3, 96, 96\)'):
+        model(torch.randn(3, 96, 96))
+    with pytest.raises(ValueError, match=rf'at least {minimum}.*\(1, 3, {minimum - 1}, 96\)'):
+        model(torch.randn(1, 3, minimum - 1, 96))
+    with pytest.raises(ValueError, match='channels'):
+        model.forward_intermediates(torch.randn(1, 1, 96, 96))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, minimum, minimum)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_bf16_autocast_on_cpu(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, 128, 96)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = model(x)
+    assert torch.isfinite(out).all()
+    # bf16 keeps about 3 significant digits; the logits must still agree to that order
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_torch_compile_fullgraph_matches_eager(name):
+    model = randomize_(timm.create_model(name)).eval()
+    x = torch.randn(2, 3, 96, 80)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
