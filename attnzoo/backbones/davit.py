@@ -317,10 +317,13 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    # the authors' ImageNet-1k weights, as timm republished them
-    'az_davit_tiny.msft_in1k': _cfg(hf_hub_id='timm/davit_tiny.msft_in1k', hf_hub_filename='model.safetensors'),
-    'az_davit_small.msft_in1k': _cfg(hf_hub_id='timm/davit_small.msft_in1k', hf_hub_filename='model.safetensors'),
-    'az_davit_base.msft_in1k': _cfg(hf_hub_id='timm/davit_base.msft_in1k', hf_hub_filename='model.safetensors'),
+    # the authors' ImageNet-1k weights, as timm republished them (under the license of timm's model card)
+    'az_davit_tiny.msft_in1k': _cfg(
+        hf_hub_id='timm/davit_tiny.msft_in1k', hf_hub_filename='model.safetensors', license='apache-2.0'),
+    'az_davit_small.msft_in1k': _cfg(
+        hf_hub_id='timm/davit_small.msft_in1k', hf_hub_filename='model.safetensors', license='apache-2.0'),
+    'az_davit_base.msft_in1k': _cfg(
+        hf_hub_id='timm/davit_base.msft_in1k', hf_hub_filename='model.safetensors', license='apache-2.0'),
     # Florence-2's vision towers, read out of the whole vision-language checkpoint
     'az_davit_base_fl.msft_florence2': _cfg(
         hf_hub_id='microsoft/Florence-2-base', hf_hub_filename='pytorch_model.bin',
