@@ -1,0 +1,484 @@
+#!/usr/bin/env python3
+""" attnzoo Benchmark Script
+
+Measures attnzoo models side by side with timm peers, in one process and under identical settings:
+parameter count, GFLOPs, inference and train-step throughput and peak memory, with the throughput of
+every row also given as a ratio to the first peer.
+
+GFLOPs are multiply-adds (the FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` divided by
+two), the convention papers and timm's tables use, for one image at the benchmark resolution.
+
+Example:
+    python scripts/benchmark.py --models az_davit_tiny az_shvit_s4 --peers davit_tiny shvit_s4 \\
+        --amp --channels-last --compile both --json davit_shvit.json
+
+Only ``--mode models`` exists for now; the mode switch is where a kernel-level benchmark will plug in.
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import textwrap
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import resolve_data_config
+from torch.utils.flop_counter import FlopCounterMode
+
+try:
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
+
+try:
+    import attnzoo
+except ImportError:
+    # Running from a checkout that was never installed: the package lives in the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import attnzoo
+
+# Per-device defaults: CPU runs are smoke tests or rough comparisons and must stay short, GPU runs
+# need batches large enough to fill the device and enough iterations for a stable median.
+_DEVICE_DEFAULTS: Dict[str, Dict[str, int]] = {
+    'cpu': dict(batch_size=8, train_batch_size=8, warmup=2, iters=5),
+    'cuda': dict(batch_size=256, train_batch_size=128, warmup=10, iters=30),
+}
+
+_GIB = 1024 ** 3
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description='Benchmark attnzoo models against timm peers, side by side in one process.',
+        epilog='GFLOPs are multiply-adds (FlopCounterMode FLOPs / 2, the convention papers use) for one '
+               'image. Ratios are row / first peer (compiled rows against the compiled first peer).')
+    parser.add_argument('--mode', default='models', choices=sorted(_MODES),
+                        help='What to benchmark: whole models, inference and train step (default: models).')
+    parser.add_argument('--models', nargs='+', default=[], metavar='NAME',
+                        help='attnzoo (az_*) models to measure.')
+    parser.add_argument('--peers', nargs='*', default=[], metavar='NAME',
+                        help='timm models to measure alongside; ratios are against the first one.')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='Device to run on: cpu, cuda or cuda:N (default: cuda when available).')
+    parser.add_argument('-b', '--batch-size', type=int, default=None, metavar='N',
+                        help='Inference batch size (default: 256 on CUDA, 8 on CPU).')
+    parser.add_argument('--train-batch-size', type=int, default=None, metavar='N',
+                        help='Train-step batch size (default: 128 on CUDA, 8 on CPU).')
+    parser.add_argument('--img-size', type=int, default=None, metavar='N',
+                        help="Square input resolution for every model (default: each model's pretrained "
+                             "input size). Models that fix their resolution at construction (ViT, Swin) "
+                             "are built for it.")
+    parser.add_argument('--amp', action='store_true',
+                        help='Run forward passes and the loss under bfloat16 autocast.')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='Use the channels_last memory format for models and inputs.')
+    parser.add_argument('--compile', nargs='?', const='compiled', default=None, choices=('compiled', 'both'),
+                        help="torch.compile every model; 'both' also keeps the eager rows, "
+                             "labelled '<name> (compiled)' for the compiled ones.")
+    parser.add_argument('--warmup', type=int, default=None, metavar='N',
+                        help='Untimed iterations per phase, which also absorb compilation '
+                             '(default: 10 on CUDA, 2 on CPU).')
+    parser.add_argument('--iters', type=int, default=None, metavar='N',
+                        help='Timed iterations per phase; throughput uses their median '
+                             '(default: 30 on CUDA, 5 on CPU).')
+    parser.add_argument('--json', default=None, metavar='PATH',
+                        help='Write every result and the run metadata to this JSON file.')
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line, filling the device-dependent defaults and rejecting unknown models."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f'--device must be cpu or cuda, got {args.device!r}')
+    if device.type not in _DEVICE_DEFAULTS:
+        parser.error(f'--device must be cpu or cuda, got {args.device!r}')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda was asked for but CUDA is not available')
+    for key, value in _DEVICE_DEFAULTS[device.type].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.mode == 'models':
+        if not args.models:
+            parser.error('--mode models needs at least one name in --models')
+        # Fail before anything is measured rather than after an hour of benchmarks.
+        unknown = [name for name in args.models + args.peers if not timm.is_model(name)]
+        if unknown:
+            parser.error(f'unknown model name(s): {", ".join(unknown)}')
+    if min(args.batch_size, args.train_batch_size, args.iters) < 1 or args.warmup < 0:
+        parser.error('batch sizes and --iters must be >= 1 and --warmup >= 0')
+    if args.compile and args.warmup < 1:
+        parser.error('--compile needs --warmup >= 1 so that compilation is not timed')
+    return args
+
+
+@dataclass(frozen=True)
+class Job:
+    """One table row: a model, whether it is a peer, and whether it runs compiled."""
+    name: str
+    role: str  # 'model' or 'peer'
+    compiled: bool
+
+    @property
+    def label(self) -> str:
+        return f'{self.name} (compiled)' if self.compiled else self.name
+
+
+def make_jobs(models: Sequence[str], peers: Sequence[str], compile_opt: Optional[str]) -> List[Job]:
+    """Zoo models first, then peers; with ``--compile both`` the compiled row follows each eager one."""
+    variants = {None: (False,), 'compiled': (True,), 'both': (False, True)}[compile_opt]
+    named = [(name, 'model') for name in models] + [(name, 'peer') for name in peers]
+    return [Job(name, role, compiled) for name, role in named for compiled in variants]
+
+
+def create_benchmark_model(name: str, img_size: Optional[int]) -> nn.Module:
+    """Create ``name`` with random weights, built for ``img_size`` when the architecture needs to know it."""
+    if img_size is not None:
+        try:
+            # ViT- and Swin-style models size position embeddings and window grids at construction.
+            return timm.create_model(name, img_size=img_size)
+        except TypeError as exc:
+            # Convolutional and hybrid families take any resolution and have no img_size argument.
+            if 'img_size' not in str(exc):
+                raise
+    return timm.create_model(name)
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters, trainable or not, as timm's tables count them."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_size: Tuple[int, ...], device: torch.device) -> int:
+    """Multiply-adds of one forward pass on a single image (FlopCounterMode FLOPs / 2)."""
+    x = torch.randn((1,) + tuple(input_size), device=device)
+    counter = FlopCounterMode(display=False)
+    # Fused Triton kernels are opaque to the counter and would count as zero; the reference path
+    # computes the same thing with aten ops the counter knows.
+    with attnzoo.use_kernels('reference'), torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+def time_iterations(step: Callable[[], Any], warmup: int, iters: int, device: torch.device) -> List[float]:
+    """Seconds taken by each of ``iters`` calls of ``step``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+        # Events time the GPU itself; a single synchronize at the end lets the host queue work ahead
+        # as it would in real use, instead of draining the queue after every iteration.
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == 'cuda':
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> Optional[float]:
+    """Peak allocated memory since the last reset; None on CPU, which has no reliable counter for torch."""
+    if device.type != 'cuda':
+        return None
+    return torch.cuda.max_memory_allocated(device) / _GIB
+
+
+class ModelBenchmark:
+    """Inference and train-step measurements of one model under the run's settings."""
+
+    def __init__(self, job: Job, args: argparse.Namespace, device: torch.device):
+        self.job = job
+        self.args = args
+        self.device = device
+        self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = create_benchmark_model(job.name, args.img_size)
+        in_chans, *default_hw = resolve_data_config({}, model=self.model)['input_size']
+        hw = (args.img_size, args.img_size) if args.img_size is not None else tuple(default_hw)
+        self.input_size: Tuple[int, int, int] = (in_chans,) + hw
+        # Headless backbones (num_classes=0, e.g. the *_fl variants) return pooled features; the loss
+        # takes them as logits, which exercises the same backward as a classifier head would.
+        self.num_classes: int = self.model.num_classes or self.model.num_features
+        self.model.to(device=device, memory_format=self.memory_format)
+        # The compiled module shares parameters with the eager one, which stays available for
+        # FLOP counting (the counter does not see inside compiled graphs).
+        self.runner = torch.compile(self.model) if job.compiled else self.model
+
+    def _autocast(self) -> ContextManager:
+        if self.args.amp:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _input(self, batch_size: int) -> torch.Tensor:
+        x = torch.randn((batch_size,) + self.input_size, device=self.device)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def macs(self) -> int:
+        self.model.eval()
+        return count_macs(self.model, self.input_size, self.device)
+
+    def inference(self) -> Tuple[float, Optional[float]]:
+        """(median seconds per batch, peak GiB) of forward passes in inference mode."""
+        self.runner.eval()
+        x = self._input(self.args.batch_size)
+        reset_peak_memory(self.device)
+
+        def step() -> None:
+            with self._autocast():
+                self.runner(x)
+
+        with torch.inference_mode():
+            times = time_iterations(step, self.args.warmup, self.args.iters, self.device)
+        return statistics.median(times), peak_memory_gib(self.device)
+
+    def train(self) -> Tuple[float, Optional[float]]:
+        """(median seconds per step, peak GiB) of forward + cross-entropy + backward + SGD step."""
+        self.runner.train()
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        x = self._input(self.args.train_batch_size)
+        target = torch.randint(0, self.num_classes, (self.args.train_batch_size,), device=self.device)
+        # Reset after the inputs exist but before the first step, so the peak includes gradients
+        # and the momentum buffers the optimizer creates lazily.
+        reset_peak_memory(self.device)
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with self._autocast():
+                loss = F.cross_entropy(self.runner(x), target)
+            loss.backward()
+            optimizer.step()
+
+        times = time_iterations(step, self.args.warmup, self.args.iters, self.device)
+        return statistics.median(times), peak_memory_gib(self.device)
+
+
+def _describe_error(exc: BaseException) -> str:
+    # The first line says what went wrong; the rest is usually hints and C++ context.
+    lines = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {lines[0]}' if lines else type(exc).__name__
+
+
+def _short_error(row: Dict[str, Any]) -> str:
+    # CUDA OOM messages run to a paragraph on one line; the JSON keeps the whole of it.
+    return textwrap.shorten(row['error'], 200, placeholder=' ...')
+
+
+def benchmark_job(job: Job, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """Measure one row. A failure (OOM, unsupported resolution, compile error) is recorded in the row
+    with whatever was measured before it, so that one model cannot end the whole run."""
+    row: Dict[str, Any] = dict(
+        label=job.label, model=job.name, role=job.role, compiled=job.compiled,
+        input_size=None, param_count=None, params_m=None, gflops=None,
+        infer_batch_size=args.batch_size, infer_ms=None, infer_img_s=None, infer_peak_gib=None, infer_ratio=None,
+        train_batch_size=args.train_batch_size, train_ms=None, train_img_s=None, train_peak_gib=None,
+        train_ratio=None, error=None,
+    )
+    try:
+        bench = ModelBenchmark(job, args, device)
+        row['input_size'] = list(bench.input_size)
+        row['param_count'] = count_params(bench.model)
+        row['params_m'] = row['param_count'] / 1e6
+        row['gflops'] = bench.macs() / 1e9
+        seconds, row['infer_peak_gib'] = bench.inference()
+        row['infer_ms'] = seconds * 1e3
+        row['infer_img_s'] = args.batch_size / seconds
+        seconds, row['train_peak_gib'] = bench.train()
+        row['train_ms'] = seconds * 1e3
+        row['train_img_s'] = args.train_batch_size / seconds
+    except Exception as exc:
+        row['error'] = _describe_error(exc)
+    finally:
+        # Release the model (and, after an exception, the frames of its traceback) before the next
+        # row, so an OOM here does not cascade and peaks are not inflated by leftovers.
+        bench = None
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+        if job.compiled:
+            # Every model instance adds guards and recompiles to the shared code objects of its
+            # class; resetting keeps later rows below dynamo's recompile limit.
+            torch.compiler.reset()
+    return row
+
+
+def add_ratios(rows: List[Dict[str, Any]]) -> None:
+    """Throughput ratios of every row to the first peer, eager to eager and compiled to compiled."""
+    for compiled in (False, True):
+        variant = [r for r in rows if r['compiled'] == compiled]
+        ref = next((r for r in variant if r['role'] == 'peer'), None)
+        if ref is None:
+            continue
+        for row in variant:
+            for key in ('infer', 'train'):
+                num, den = row[f'{key}_img_s'], ref[f'{key}_img_s']
+                row[f'{key}_ratio'] = num / den if num and den else None
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return '-' if value is None else format(value, spec)
+
+
+def format_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """Fixed-width table of the rows, each failure followed by its error message."""
+    columns = [  # (header, width, row key, format)
+        ('res', 5, 'input_size', None),
+        ('params M', 9, 'params_m', '.2f'),
+        ('GFLOPs*', 8, 'gflops', '.3f'),
+        ('infer img/s', 12, 'infer_img_s', '.1f'),
+        ('infer x', 8, 'infer_ratio', '.3f'),
+        ('train img/s', 12, 'train_img_s', '.1f'),
+        ('train x', 8, 'train_ratio', '.3f'),
+        ('infer GiB', 10, 'infer_peak_gib', '.2f'),
+        ('train GiB', 10, 'train_peak_gib', '.2f'),
+    ]
+    name_width = max([len('model')] + [len(r['label']) for r in rows])
+    lines = ['  '.join([f'{"model":<{name_width}}'] + [f'{h:>{w}}' for h, w, _, _ in columns])]
+    lines.append('-' * len(lines[0]))
+    for row in rows:
+        cells = [f'{row["label"]:<{name_width}}']
+        for _, width, key, spec in columns:
+            if key == 'input_size':
+                text = '-' if row[key] is None else str(row[key][-1])
+            else:
+                text = _fmt(row[key], spec)
+            cells.append(f'{text:>{width}}')
+        lines.append('  '.join(cells))
+        if row['error']:
+            lines.append(f'  ! {row["label"]} failed: {_short_error(row)}')
+    note = '* GFLOPs are multiply-adds (FLOPs / 2) for one image; ratios are against the first peer'
+    if any(r['compiled'] for r in rows):
+        note += ', compiled rows against its compiled row'
+    lines.append(note + '.')
+    return '\n'.join(lines)
+
+
+def _cpu_name() -> str:
+    # platform.processor() is empty on most Linux systems; /proc/cpuinfo has the marketing name.
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module_name: str) -> Optional[str]:
+    try:
+        return __import__(module_name).__version__
+    except ImportError:
+        return None
+
+
+def collect_metadata(args: argparse.Namespace, argv: Sequence[str], device: torch.device) -> Dict[str, Any]:
+    """Where, when and with what the numbers were measured, so that result files stay comparable."""
+    return dict(
+        date_utc=datetime.now(timezone.utc).isoformat(timespec='seconds'),
+        argv=list(argv),
+        args=vars(args),
+        hostname=socket.gethostname(),
+        platform=platform.platform(),
+        python=platform.python_version(),
+        cpu=_cpu_name(),
+        cpu_count=os.cpu_count(),
+        torch_num_threads=torch.get_num_threads(),
+        device=str(device),
+        gpu=torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
+        cuda=torch.version.cuda if device.type == 'cuda' else None,
+        versions=dict(torch=torch.__version__, timm=timm.__version__, triton=_version('triton'),
+                      attnzoo=attnzoo.__version__),
+        attnzoo_kernel_mode=attnzoo.kernels.kernel_mode(),
+        # Both decide which fp32 kernels run (TF32 or not), so fp32 numbers are meaningless without them.
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+        cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        gflops_note='GFLOPs are multiply-adds: torch.utils.flop_counter.FlopCounterMode FLOPs / 2, batch 1',
+    )
+
+
+def _log(message: str) -> None:
+    # tqdm.write keeps the message from tearing through the progress bar.
+    if tqdm is not None:
+        tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
+
+
+def run_models(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Benchmark every model and peer, print the table, write the JSON; 1 if any row failed."""
+    device = torch.device(args.device)
+    if device.type == 'cuda':
+        # Events and the default stream belong to the current device: make it the one asked for,
+        # with a bare 'cuda' meaning the device that is current already.
+        device = torch.device('cuda', torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    meta = collect_metadata(args, argv, device)
+    torch.manual_seed(0)
+
+    jobs = make_jobs(args.models, args.peers, args.compile)
+    progress = tqdm(jobs, desc='benchmark', unit='model', file=sys.stderr) if tqdm is not None else jobs
+    rows = []
+    for job in progress:
+        if tqdm is not None:
+            progress.set_postfix_str(job.label)
+        row = benchmark_job(job, args, device)
+        if row['error']:
+            _log(f'{job.label} failed: {_short_error(row)}')
+        rows.append(row)
+    add_ratios(rows)
+
+    print(f'device {meta["gpu"] or meta["cpu"]} ({device}), torch {torch.__version__}, timm {timm.__version__}, '
+          f'amp {"bf16" if args.amp else "off"}, channels_last {args.channels_last}, batch {args.batch_size} '
+          f'infer / {args.train_batch_size} train, warmup {args.warmup}, iters {args.iters} (median)')
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(dict(meta=meta, results=rows), f, indent=2)
+    return int(any(row['error'] for row in rows))
+
+
+# --mode choices; a kernel-level benchmark will be registered here next to 'models'.
+_MODES: Dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
+    'models': run_models,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    return _MODES[args.mode](args, argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""scripts/benchmark.py end to end on CPU, at a size small enough for CI: one zoo model against its timm peer."""
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import timm
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'benchmark.py'
+
+TINY_RUN = [
+    '--models', 'az_shvit_s1', '--peers', 'shvit_s1', '--device', 'cpu', '--img-size', '64',
+    '--batch-size', '2', '--train-batch-size', '2', '--warmup', '1', '--iters', '1',
+]
+
+
+@pytest.fixture(scope='module')
+def bench() -> ModuleType:
+    # scripts/ is not a package; load the file the way `python scripts/benchmark.py` would see it.
+    spec = importlib.util.spec_from_file_location('attnzoo_benchmark_script', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # On a small CI box sharing its cores with other test processes, OpenMP threads spinning for a
+    # busy core turn milliseconds into seconds; one thread keeps the run fast and steady.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _param_count(name: str) -> int:
+    return sum(p.numel() for p in timm.create_model(name).parameters())
+
+
+def test_model_against_peer(bench, tmp_path, capsys):
+    out = tmp_path / 'results.json'
+    assert bench.main(TINY_RUN + ['--json', str(out)]) == 0
+    data = json.loads(out.read_text())
+
+    rows = {row['label']: row for row in data['results']}
+    assert list(rows) == ['az_shvit_s1', 'shvit_s1']
+    for name, row in rows.items():
+        assert row['error'] is None, row['error']
+        assert row['input_size'] == [3, 64, 64]
+        assert row['param_count'] == _param_count(name)
+        assert row['gflops'] > 0
+        assert row['infer_img_s'] > 0 and row['train_img_s'] > 0
+        # No trustworthy peak-memory counter for torch on CPU.
+        assert row['infer_peak_gib'] is None and row['train_peak_gib'] is None
+
+    peer, model = rows['shvit_s1'], rows['az_shvit_s1']
+    assert peer['infer_ratio'] == 1.0 and peer['train_ratio'] == 1.0
+    assert model['infer_ratio'] == pytest.approx(model['infer_img_s'] / peer['infer_img_s'])
+    assert model['train_ratio'] == pytest.approx(model['train_img_s'] / peer['train_img_s'])
+
+    meta = data['meta']
+    assert meta['versions']['torch'] == torch.__version__
+    assert meta['versions']['timm'] == timm.__version__
+    assert meta['argv'][-2:] == ['--json', str(out)]
+    assert meta['args']['img_size'] == 64 and meta['gpu'] is None
+
+    table = capsys.readouterr().out
+    assert 'az_shvit_s1' in table and 'shvit_s1' in table and 'infer img/s' in table
+
+
+def test_failing_model_becomes_error_row(bench, tmp_path, monkeypatch):
+    create = bench.create_benchmark_model
+
+    def create_or_oom(name, img_size):
+        if name == 'az_shvit_s1':
+            raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail')
+        return create(name, img_size)
+
+    monkeypatch.setattr(bench, 'create_benchmark_model', create_or_oom)
+    out = tmp_path / 'results.json'
+    assert bench.main(TINY_RUN + ['--json', str(out)]) == 1
+
+    failed, peer = json.loads(out.read_text())['results']
+    assert failed['error'] == 'OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB'
+    assert failed['infer_img_s'] is None and failed['infer_ratio'] is None
+    assert peer['error'] is None and peer['infer_img_s'] > 0 and peer['infer_ratio'] == 1.0
+
+
+def test_unknown_model_is_rejected_before_running(bench):
+    with pytest.raises(SystemExit):
+        bench.main(['--models', 'az_no_such_model', '--device', 'cpu'])
