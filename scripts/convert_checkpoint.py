@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import attnzoo
-from attnzoo.backbones import FAMILIES
+from attnzoo.backbones import family_of
 
 
 def load_checkpoint(path: Path) -> Dict:
@@ -35,7 +35,7 @@ def load_checkpoint(path: Path) -> Dict:
 
 def convert(model_name: str, checkpoint: Dict) -> Dict[str, torch.Tensor]:
     """The checkpoint's tensors under the zoo model's keys; raises CheckpointMismatchError if they don't fit."""
-    family = FAMILIES[model_name.split('_')[1]]
+    family = family_of(model_name)
     with torch.device('meta'):  # only the names and shapes are needed
         model = timm.create_model(model_name)
     converted = family.checkpoint_filter_fn(checkpoint, model)

@@ -4,7 +4,7 @@ from typing import List, Optional, Tuple
 
 import timm
 
-from attnzoo.backbones import FAMILIES
+from attnzoo.backbones import family_of
 
 __all__ = ['ModelCard', 'list_models', 'model_card']
 
@@ -32,17 +32,10 @@ class ModelCard:
     paper_top1: Optional[float]
 
 
-def _family_of(name: str) -> str:
-    for family, module in FAMILIES.items():
-        if name in module.paper_results:
-            return family
-    raise KeyError(f'{name!r} is not a registered attnzoo model; see attnzoo.list_models()')
-
-
 def model_card(name: str) -> ModelCard:
     """The card of a registered model (``az_davit_tiny`` or with a tag, ``az_davit_tiny.msft_in1k``)."""
     arch = name.split('.')[0]
-    family = _family_of(arch)
+    family = family_of(arch)
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
         raise KeyError(f'no pretrained config for {name!r}')
@@ -50,7 +43,8 @@ def model_card(name: str) -> ModelCard:
         weights = f'hf-hub:{cfg.hf_hub_id}' + (f'/{cfg.hf_hub_filename}' if cfg.hf_hub_filename else '')
     else:
         weights = cfg.url or None
-    paper = FAMILIES[family].paper_results[arch]
+    paper = family.paper_results[arch]
     return ModelCard(
-        name=arch, family=family, input_size=tuple(cfg.input_size), weights=weights, license=cfg.license,
+        name=arch, family=family.__name__.rsplit('.', 1)[-1], input_size=tuple(cfg.input_size),
+        weights=weights, license=cfg.license,
         paper_params=paper['params'], paper_gflops=paper['gflops'], paper_top1=paper['top1'])
