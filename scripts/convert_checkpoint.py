@@ -28,7 +28,9 @@ def load_checkpoint(path: Path) -> Dict:
     try:
         if path.suffix == '.safetensors':
             return load_file(str(path))
-        return torch.load(path, map_location='cpu', weights_only=True)
+        # training scripts store their argparse.Namespace beside the weights: allow that one class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # every reader has its own error type for a damaged file
         raise RuntimeError(f'could not read checkpoint {path}: corrupt, truncated or not a checkpoint ({e})') from e
 

@@ -37,7 +37,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error(f'no model matches {args.pattern!r}; registered: {", ".join(attnzoo.list_models())}')
     rows = []
     for name in tqdm(names, desc='measuring', unit='model'):
-        card = attnzoo.model_card(timm.list_models(name, pretrained=True)[0])
+        card = attnzoo.model_card(name)
         model = timm.create_model(name)
         latency = None if args.no_latency else measure_latency(model, card.input_size) * 1e3
         rows.append((

@@ -125,6 +125,14 @@ def build_backbone(
         **kwargs,
 ) -> nn.Module:
     """timm's build_model_with_cfg, with errors that say which weights could not be had and why."""
+    if pretrained:
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        if not (cfg.file or cfg.url or cfg.hf_hub_id or cfg.state_dict):
+            # timm would warn and carry on with random weights; say where the published file is instead
+            raise PretrainedWeightsNotFoundError(
+                f'pretrained weights for {variant} cannot be downloaded: {" ".join(cfg.notes or ())}')
     try:
         return build_model_with_cfg(
             model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs)

@@ -30,6 +30,7 @@ class ModelCard:
     paper_params: Optional[float]
     paper_gflops: Optional[float]
     paper_top1: Optional[float]
+    notes: Tuple[str, ...] = ()
 
 
 def model_card(name: str) -> ModelCard:
@@ -41,10 +42,13 @@ def model_card(name: str) -> ModelCard:
         raise KeyError(f'no pretrained config for {name!r}')
     if cfg.hf_hub_id:
         weights = f'hf-hub:{cfg.hf_hub_id}' + (f'/{cfg.hf_hub_filename}' if cfg.hf_hub_filename else '')
-    else:
-        weights = cfg.url or None
+    elif cfg.url:
+        weights = cfg.url
+    else:  # published without a direct download: the notes say where and how
+        weights = 'manual download, see notes' if cfg.notes else None
     paper = family.paper_results[arch]
     return ModelCard(
         name=arch, family=family.__name__.rsplit('.', 1)[-1], input_size=tuple(cfg.input_size),
         weights=weights, license=cfg.license,
-        paper_params=paper['params'], paper_gflops=paper['gflops'], paper_top1=paper['top1'])
+        paper_params=paper['params'], paper_gflops=paper['gflops'], paper_top1=paper['top1'],
+        notes=tuple(cfg.notes or ()))
