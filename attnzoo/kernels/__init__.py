@@ -5,10 +5,16 @@ parameters. Which implementation runs is chosen by one switch (:mod:`attnzoo.ker
 """
 from .channel_attention import channel_attention
 from .dispatch import KERNEL_MODES, KernelOp, kernel_mode, set_kernel_mode, use_kernels
+from .hilo import hilo_lofi
+from .lka import lka
+from .na2d import na2d
 from .single_head_attention import single_head_attention
+from .super_token import super_token_association, super_token_sampling, super_token_update, super_token_upsampling
 from .window_attention import window_attention
 
 __all__ = [
     'KERNEL_MODES', 'KernelOp', 'kernel_mode', 'set_kernel_mode', 'use_kernels',
-    'channel_attention', 'single_head_attention', 'window_attention',
+    'channel_attention', 'hilo_lofi', 'lka', 'na2d', 'single_head_attention',
+    'super_token_association', 'super_token_sampling', 'super_token_update', 'super_token_upsampling',
+    'window_attention',
 ]

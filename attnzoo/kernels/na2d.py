@@ -1,0 +1,124 @@
+"""Neighborhood attention over a 2-D map, optionally dilated, with relative position bias (NAT / DiNAT)."""
+import functools
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .dispatch import kernel_op
+
+__all__ = ['na2d']
+
+
+def _pair(value: Union[int, Tuple[int, int]], name: str) -> Tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f'na2d {name} must be an int or a pair of ints, got {value!r}')
+    return pair
+
+
+@functools.lru_cache(maxsize=256)
+def _build_axis_neighbours(
+        length: int,
+        kernel_size: int,
+        dilation: int,
+        device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.arange(length, device=device)
+    group, step = pos % dilation, pos // dilation
+    group_len = (length - group + dilation - 1) // dilation
+    start = torch.minimum((step - kernel_size // 2).clamp(min=0), group_len - kernel_size)
+    window = start[:, None] + torch.arange(kernel_size, device=device)  # group steps of the keys
+    return group[:, None] + window * dilation, window - step[:, None] + kernel_size - 1
+
+
+@torch.compiler.assume_constant_result
+def _axis_neighbours(
+        length: int,
+        kernel_size: int,
+        dilation: int,
+        device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Along one axis: the positions of each query's keys and their bias indices, both ``(length, k)``.
+
+    Positions with the same remainder modulo ``dilation`` form a group, a map of their own at
+    stride ``dilation``. Each query takes the ``k`` positions of its group centred on it, the
+    window moved inward where it would leave the group, so every query has ``k`` keys. Groups
+    differ in length by one where ``length`` is not a multiple of ``dilation``, and each clamps
+    to its own end. The bias index is the key's offset from the query in group steps, plus k - 1.
+
+    The tables depend on the shape alone: built once per shape and device (cached), and
+    constants to torch.compile.
+    """
+    return _build_axis_neighbours(length, kernel_size, dilation, device)
+
+
+@kernel_op
+def na2d(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kernel_size: Union[int, Tuple[int, int]],
+        dilation: Union[int, Tuple[int, int]] = 1,
+        rpb: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Attention of every position to its ``kh x kw`` nearest neighbours, each head on its own.
+
+    The semantics of NATTEN up to 0.14, which NAT and DiNAT were trained with: along each axis the
+    positions congruent modulo the dilation form a group; a query attends to the ``k`` positions
+    of its own group nearest to it, the window shifted inward at the group's ends so that every
+    query sees exactly ``kh * kw`` keys. The relative position bias of a key is
+    ``rpb[head, (key_row - query_row) / dh + kh - 1, (key_col - query_col) / dw + kw - 1]``.
+
+    Args:
+        q, k: ``(B, H, W, heads, head_dim)``.
+        v: ``(B, H, W, heads, v_dim)``.
+        kernel_size: odd window size, an int or (kh, kw); each at least 3.
+        dilation: an int or (dh, dw). H must be at least ``kh * dh`` and W at least ``kw * dw``:
+            callers pad smaller maps first (NAT pads with zeros on the right and bottom).
+        rpb: optional relative position bias ``(heads, 2 * kh - 1, 2 * kw - 1)``.
+        scale: multiplies q before the dot products, default ``head_dim ** -0.5``.
+
+    Returns:
+        ``(B, H, W, heads, v_dim)``, the attention output at every position.
+    """
+    kh, kw = _pair(kernel_size, 'kernel_size')
+    dh, dw = _pair(dilation, 'dilation')
+    if q.dim() != 5 or q.shape != k.shape or v.dim() != 5 or q.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f'na2d expects q, k of shape (B, H, W, heads, head_dim) and v of shape (B, H, W, heads, v_dim), '
+            f'got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}')
+    if kh % 2 == 0 or kw % 2 == 0 or kh < 3 or kw < 3:
+        raise ValueError(f'na2d needs odd kernel sizes of at least 3, got {kh}x{kw}')
+    if dh < 1 or dw < 1:
+        raise ValueError(f'na2d needs dilations of at least 1, got {dh}x{dw}')
+    B, H, W, heads, d = q.shape
+    if H < kh * dh or W < kw * dw:
+        raise ValueError(
+            f'na2d needs a map of at least kernel_size * dilation = {kh * dh}x{kw * dw} positions, '
+            f'got {H}x{W}: pad it first')
+    if rpb is not None and tuple(rpb.shape) != (heads, 2 * kh - 1, 2 * kw - 1):
+        raise ValueError(
+            f'na2d expects rpb of shape (heads, 2 * kh - 1, 2 * kw - 1) = {(heads, 2 * kh - 1, 2 * kw - 1)}, '
+            f'got {tuple(rpb.shape)}')
+    scale = d ** -0.5 if scale is None else scale
+    dv = v.shape[-1]
+    N, kk = H * W, kh * kw
+
+    rows, bias_rows = _axis_neighbours(H, kh, dh, q.device)
+    cols, bias_cols = _axis_neighbours(W, kw, dw, q.device)
+    # for every (query, neighbour) pair, queries and neighbours row-major: the key's flat position
+    # in the map and its bias's flat position in rpb[head]
+    neighbours = (rows[:, None, :, None] * W + cols[None, :, None, :]).reshape(N * kk)
+    # one (positions, dim) matrix per image and head, whose rows the neighbour index selects;
+    # the gathered keys and values (kh * kw copies of k and v) are all this op materialises
+    q = (q * scale).permute(0, 3, 1, 2, 4).reshape(B, heads, N, 1, d)
+    k = k.permute(0, 3, 1, 2, 4).reshape(B * heads, N, d).index_select(1, neighbours).view(B, heads, N, kk, d)
+    v = v.permute(0, 3, 1, 2, 4).reshape(B * heads, N, dv).index_select(1, neighbours).view(B, heads, N, kk, dv)
+    logits = q @ k.transpose(-1, -2)  # (B, heads, N, 1, kk)
+    if rpb is not None:
+        bias_index = (bias_rows[:, None, :, None] * (2 * kw - 1) + bias_cols[None, :, None, :]).reshape(N * kk)
+        bias = rpb.reshape(heads, -1).index_select(1, bias_index).view(heads, N, 1, kk)
+        logits = logits + bias.to(logits.dtype)
+    out = logits.softmax(dim=-1) @ v  # (B, heads, N, 1, dv)
+    return out.view(B, heads, H, W, dv).permute(0, 2, 3, 1, 4)
