@@ -1,4 +1,5 @@
 """nn.Modules shared by the backbones: attention blocks, MLPs, stems and downsamplers."""
+from .agent import AgentAttention, AgentBlock, ShiftedWindowAttention, ShiftedWindowBlock, SwinPatchMerging
 from .conv import ConvNorm, ConvPosEnc, NormLinear, Residual
 from .dual_attention import ChannelAttention, ChannelBlock, DualAttentionBlock, SpatialBlock, WindowAttention
 from .hilo import DeformableConv2d, DeformableDownsample, DWConvMlp, DWConvMlpBlock, HiLoAttention, HiLoBlock
@@ -9,6 +10,7 @@ from .stems import ConvNormStem, NormConvDownsample, PatchMerging, PatchStem
 from .super_token import ResidualDWMlp, SuperTokenAttention, SuperTokenBlock
 
 __all__ = [
+    'AgentAttention', 'AgentBlock', 'ShiftedWindowAttention', 'ShiftedWindowBlock', 'SwinPatchMerging',
     'ConvNorm', 'ConvPosEnc', 'NormLinear', 'Residual',
     'ChannelAttention', 'ChannelBlock', 'DualAttentionBlock', 'SpatialBlock', 'WindowAttention',
     'DeformableConv2d', 'DeformableDownsample', 'DWConvMlp', 'DWConvMlpBlock', 'HiLoAttention', 'HiLoBlock',

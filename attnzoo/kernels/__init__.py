@@ -3,6 +3,7 @@
 Every op takes and returns plain tensors in the layout its docstring states and owns no
 parameters. Which implementation runs is chosen by one switch (:mod:`attnzoo.kernels.dispatch`).
 """
+from .agent_attention import agent_attention
 from .channel_attention import channel_attention
 from .dispatch import KERNEL_MODES, KernelOp, kernel_mode, set_kernel_mode, use_kernels
 from .hilo import hilo_lofi
@@ -14,7 +15,7 @@ from .window_attention import window_attention
 
 __all__ = [
     'KERNEL_MODES', 'KernelOp', 'kernel_mode', 'set_kernel_mode', 'use_kernels',
-    'channel_attention', 'hilo_lofi', 'lka', 'na2d', 'single_head_attention',
+    'agent_attention', 'channel_attention', 'hilo_lofi', 'lka', 'na2d', 'single_head_attention',
     'super_token_association', 'super_token_sampling', 'super_token_update', 'super_token_upsampling',
     'window_attention',
 ]

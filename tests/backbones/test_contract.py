@@ -101,7 +101,11 @@ def test_features_head_and_classifier_reset(name):
     x = torch.randn(1, *cfg['input_size'])
     with torch.no_grad():
         feats = model.forward_features(x)
-        assert feats.shape == (1, model.num_features, *cfg['pool_size'])
+        if cfg['pool_size'] is None:  # a plain ViT (Agent-DeiT): prefix tokens, then one per patch
+            h, w = (s // model.feature_info[-1]['reduction'] for s in cfg['input_size'][1:])
+            assert feats.shape == (1, model.num_prefix_tokens + h * w, model.num_features)
+        else:
+            assert feats.shape == (1, model.num_features, *cfg['pool_size'])
         pre = model.forward_head(feats, pre_logits=True)
         assert pre.shape == (1, model.head_hidden_size)
         logits = model(x)

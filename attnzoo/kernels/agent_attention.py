@@ -1,0 +1,61 @@
+"""Agent attention (Han et al., arXiv 2312.08874): softmax attention routed through a few agent tokens."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import kernel_op
+
+__all__ = ['agent_attention']
+
+
+@kernel_op
+def agent_attention(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        agents: torch.Tensor,
+        agent_bias: Optional[torch.Tensor] = None,
+        query_bias: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Two softmax attentions through ``n`` agent tokens, linear in the number of tokens for fixed ``n``.
+
+    First the agents gather from the keys, then the queries read from the agents::
+
+        agent_v = softmax(scale * agents k^T + agent_bias) v        (B, heads, n, v_dim)
+        out     = softmax(scale * q agents^T + query_bias) agent_v  (B, heads, N, v_dim)
+
+    The depthwise-conv term of the agent attention block acts on ``v`` with the block's own weights
+    and is added by the block, not here.
+
+    Args:
+        q: queries ``(B, N, heads, head_dim)``.
+        k: keys ``(B, M, heads, head_dim)``; ``M`` may differ from ``N``.
+        v: values ``(B, M, heads, v_dim)``.
+        agents: agent tokens ``(B, n, heads, head_dim)`` (the blocks pool them from the queries).
+        agent_bias: logit bias of agents over keys, broadcastable to ``(B, heads, n, M)``, or None.
+        query_bias: logit bias of queries over agents, broadcastable to ``(B, heads, N, n)``, or None.
+        scale: logit scale of both attentions, default ``head_dim ** -0.5``.
+
+    Returns:
+        ``(B, N, heads, v_dim)``.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or agents.dim() != 4:
+        raise ValueError(
+            f'agent_attention expects 4-D q, k, v, agents of layout (B, tokens, heads, dim), got q {tuple(q.shape)}, '
+            f'k {tuple(k.shape)}, v {tuple(v.shape)}, agents {tuple(agents.shape)}')
+    B, N, heads, d = q.shape
+    if (k.shape[0], k.shape[2:]) != (B, (heads, d)) or v.shape[:3] != k.shape[:3] or \
+            (agents.shape[0], agents.shape[2:]) != (B, (heads, d)):
+        raise ValueError(
+            f'agent_attention expects q (B, N, heads, d), k (B, M, heads, d), v (B, M, heads, v_dim) and '
+            f'agents (B, n, heads, d), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, '
+            f'agents {tuple(agents.shape)}')
+    q, k, v, agents = (t.transpose(1, 2) for t in (q, k, v, agents))  # (B, heads, tokens, dim)
+    # autocast runs the attention in the lower precision; the biases must follow the queries' dtype
+    agent_bias = agent_bias.to(agents.dtype) if agent_bias is not None else None
+    query_bias = query_bias.to(q.dtype) if query_bias is not None else None
+    agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=agent_bias, scale=scale)
+    out = F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=query_bias, scale=scale)
+    return out.transpose(1, 2)
