@@ -26,7 +26,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
@@ -34,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from attnzoo.blocks import AgentBlock
 from attnzoo.blocks.agent import SelfAttentionBlock, resize_agent_bias
 
+from ._agent_common import agent_cfg
 from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
 
 __all__ = ['AgentDeiT']
@@ -271,33 +271,12 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
         feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
-def _cfg(link: str, file_name: str, model_name: str, **kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        # the authors evaluate on a 256x256 resize (aspect not kept) centre-cropped to 224
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        # the repository has no LICENSE file; the DeiT code it builds on is Apache-2.0, the weights state no license
-        'license': 'unknown', 'paper_ids': 'arXiv:2312.08874',
-        'paper_name': 'Agent Attention: On the Integration of Softmax and Linear Attention',
-        'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
-        'notes': (
-            f'The authors publish {file_name} on Tsinghua Cloud ({link}), a link without a file name that '
-            f'timm cannot download into its cache.',
-            f'Download it, then run: python scripts/convert_checkpoint.py {model_name} {file_name} '
-            f'{model_name}.safetensors',
-        ),
-        **kwargs,
-    }
-
-
-_TSINGHUA = 'https://cloud.tsinghua.edu.cn/f/{}/?dl=1'
+_DEIT = dict(pool_size=None)  # a plain ViT: forward_features returns tokens
 
 default_cfgs = generate_default_cfgs({
-    'az_agent_deit_t.leap_in1k': _cfg(_TSINGHUA.format('57e0904221824ee7b7af'), 'agent_deit_t.pth', 'az_agent_deit_t'),
-    'az_agent_deit_s.leap_in1k': _cfg(_TSINGHUA.format('fdd43304372541db8ea7'), 'agent_deit_s.pth', 'az_agent_deit_s'),
-    'az_agent_deit_b.leap_in1k': _cfg(_TSINGHUA.format('5115f15fdd7e4ab58fbc'), 'agent_deit_b.pth', 'az_agent_deit_b'),
+    'az_agent_deit_t.leap_in1k': agent_cfg('57e0904221824ee7b7af', 'agent_deit_t.pth', 'az_agent_deit_t', **_DEIT),
+    'az_agent_deit_s.leap_in1k': agent_cfg('fdd43304372541db8ea7', 'agent_deit_s.pth', 'az_agent_deit_s', **_DEIT),
+    'az_agent_deit_b.leap_in1k': agent_cfg('5115f15fdd7e4ab58fbc', 'agent_deit_b.pth', 'az_agent_deit_b', **_DEIT),
 })
 
 # The paper's figures: params (M), GFLOPs (multiply-adds) and ImageNet-1k top-1 at 224, and the

@@ -28,7 +28,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, SelectAdaptivePool2d, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
@@ -36,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from attnzoo.blocks import AgentBlock
 from attnzoo.blocks.agent import resize_agent_bias
 
+from ._agent_common import agent_cfg
 from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
 
 __all__ = ['AgentPVT']
@@ -302,34 +302,13 @@ def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> Agent
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
 
 
-def _cfg(link: str, file_name: str, model_name: str, **kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        # the authors evaluate on a 256x256 resize (aspect not kept) centre-cropped to 224
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stages.0.patch_embed.proj', 'classifier': 'head',
-        # the repository has no LICENSE file and states no license for code or weights
-        'license': 'unknown', 'paper_ids': 'arXiv:2312.08874',
-        'paper_name': 'Agent Attention: On the Integration of Softmax and Linear Attention',
-        'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
-        'notes': (
-            f'The authors publish {file_name} on Tsinghua Cloud ({link}), a link without a file name that '
-            f'timm cannot download into its cache.',
-            f'Download it, then run: python scripts/convert_checkpoint.py {model_name} {file_name} '
-            f'{model_name}.safetensors',
-        ),
-        **kwargs,
-    }
-
-
-_TSINGHUA = 'https://cloud.tsinghua.edu.cn/f/{}/?dl=1'
+_PVT = dict(first_conv='stages.0.patch_embed.proj')
 
 default_cfgs = generate_default_cfgs({
-    'az_agent_pvt_t.leap_in1k': _cfg(_TSINGHUA.format('13fdf0e0a7c5498c934f'), 'agent_pvt_t.pth', 'az_agent_pvt_t'),
-    'az_agent_pvt_s.leap_in1k': _cfg(_TSINGHUA.format('36b8be9a8863456685a3'), 'agent_pvt_s.pth', 'az_agent_pvt_s'),
-    'az_agent_pvt_m.leap_in1k': _cfg(_TSINGHUA.format('4d00ecacf18b45f9b88c'), 'agent_pvt_m.pth', 'az_agent_pvt_m'),
-    'az_agent_pvt_l.leap_in1k': _cfg(_TSINGHUA.format('040cfe0cfbbe4762ad09'), 'agent_pvt_l.pth', 'az_agent_pvt_l'),
+    'az_agent_pvt_t.leap_in1k': agent_cfg('13fdf0e0a7c5498c934f', 'agent_pvt_t.pth', 'az_agent_pvt_t', **_PVT),
+    'az_agent_pvt_s.leap_in1k': agent_cfg('36b8be9a8863456685a3', 'agent_pvt_s.pth', 'az_agent_pvt_s', **_PVT),
+    'az_agent_pvt_m.leap_in1k': agent_cfg('4d00ecacf18b45f9b88c', 'agent_pvt_m.pth', 'az_agent_pvt_m', **_PVT),
+    'az_agent_pvt_l.leap_in1k': agent_cfg('040cfe0cfbbe4762ad09', 'agent_pvt_l.pth', 'az_agent_pvt_l', **_PVT),
 })
 
 # The paper's figures: params (M), GFLOPs (multiply-adds) and ImageNet-1k top-1 at 224, and the

@@ -30,7 +30,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, PatchEmbed, SelectAdaptivePool2d, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
@@ -38,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from attnzoo.blocks import AgentBlock, ShiftedWindowBlock, SwinPatchMerging
 from attnzoo.blocks.agent import resize_agent_bias
 
+from ._agent_common import agent_cfg
 from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
 
 __all__ = ['AgentSwin']
@@ -317,33 +317,10 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Agen
         feature_cfg=dict(flatten_sequential=True, out_indices=out_indices), **kwargs)
 
 
-def _cfg(link: str, file_name: str, model_name: str, **kwargs) -> Dict[str, Any]:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        # the authors evaluate on a 256x256 resize (aspect not kept) centre-cropped to 224
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        # the repository has no LICENSE file; the Swin code it builds on is MIT, the weights state no license
-        'license': 'unknown', 'paper_ids': 'arXiv:2312.08874',
-        'paper_name': 'Agent Attention: On the Integration of Softmax and Linear Attention',
-        'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
-        'notes': (
-            f'The authors publish {file_name} on Tsinghua Cloud ({link}), a link without a file name that '
-            f'timm cannot download into its cache.',
-            f'Download it, then run: python scripts/convert_checkpoint.py {model_name} {file_name} '
-            f'{model_name}.safetensors',
-        ),
-        **kwargs,
-    }
-
-
-_TSINGHUA = 'https://cloud.tsinghua.edu.cn/f/{}/?dl=1'
-
 default_cfgs = generate_default_cfgs({
-    'az_agent_swin_t.leap_in1k': _cfg(_TSINGHUA.format('a2ddc1190c224f768a41'), 'agent_swin_t.pth', 'az_agent_swin_t'),
-    'az_agent_swin_s.leap_in1k': _cfg(_TSINGHUA.format('f607172c9fea4d6e99bb'), 'agent_swin_s.pth', 'az_agent_swin_s'),
-    'az_agent_swin_b.leap_in1k': _cfg(_TSINGHUA.format('4fcd2d0114bb490483c3'), 'agent_swin_b.pth', 'az_agent_swin_b'),
+    'az_agent_swin_t.leap_in1k': agent_cfg('a2ddc1190c224f768a41', 'agent_swin_t.pth', 'az_agent_swin_t'),
+    'az_agent_swin_s.leap_in1k': agent_cfg('f607172c9fea4d6e99bb', 'agent_swin_s.pth', 'az_agent_swin_s'),
+    'az_agent_swin_b.leap_in1k': agent_cfg('4fcd2d0114bb490483c3', 'agent_swin_b.pth', 'az_agent_swin_b'),
 })
 
 # The paper's figures: params (M), GFLOPs (multiply-adds) and ImageNet-1k top-1 at 224, and the
