@@ -74,13 +74,14 @@ class AgentAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        # official names and layouts, so the published checkpoints load as they are
+        # official names; the row/column grids drop the official leading singleton dim (torch cannot
+        # convert a 5-D parameter to channels_last), which resize_agent_bias restores on loading
         self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
         self.na_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))
-        self.ah_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, bh, 1))
-        self.aw_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1, bw))
-        self.ha_bias = nn.Parameter(torch.zeros(1, num_heads, bh, 1, agent_num))
-        self.wa_bias = nn.Parameter(torch.zeros(1, num_heads, 1, bw, agent_num))
+        self.ah_bias = nn.Parameter(torch.zeros(num_heads, agent_num, bh, 1))
+        self.aw_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 1, bw))
+        self.ha_bias = nn.Parameter(torch.zeros(num_heads, bh, 1, agent_num))
+        self.wa_bias = nn.Parameter(torch.zeros(num_heads, 1, bw, agent_num))
         biases = [self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias]
         if class_token:
             self.ac_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1))
@@ -95,7 +96,7 @@ class AgentAttention(nn.Module):
         # (heads, n, H, W): agent a's bias towards map position (i, j), in both directions; the two
         # directions are resized together (one interpolation per grid size keeps compiled graphs small)
         grids = _resize(torch.cat([self.an_bias, self.na_bias]), size)
-        rows_cols = torch.cat([(self.ah_bias + self.aw_bias)[0], (self.ha_bias + self.wa_bias)[0].permute(0, 3, 1, 2)])
+        rows_cols = torch.cat([self.ah_bias + self.aw_bias, (self.ha_bias + self.wa_bias).permute(0, 3, 1, 2)])
         to_keys, to_agents = (grids + _resize(rows_cols, size)).chunk(2)
         agent_bias = to_keys.reshape(heads, n, -1)
         query_bias = to_agents.reshape(heads, n, -1).transpose(1, 2)
@@ -335,8 +336,9 @@ class SwinPatchMerging(nn.Module):
 
 
 # Where the agents are in each bias layout (the rest are heads and spatial sizes).
+_ROW_COL = ('ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
 _AGENT_DIM: Dict[str, int] = {
-    'an_bias': 1, 'na_bias': 1, 'ah_bias': 2, 'aw_bias': 2, 'ha_bias': 4, 'wa_bias': 4, 'ac_bias': 2, 'ca_bias': 3,
+    'an_bias': 1, 'na_bias': 1, 'ah_bias': 1, 'aw_bias': 1, 'ha_bias': 3, 'wa_bias': 3, 'ac_bias': 2, 'ca_bias': 3,
 }
 
 
@@ -355,11 +357,14 @@ def resize_agent_bias(name: str, value: torch.Tensor, shape: Tuple[int, ...]) ->
 
     ``name`` is the parameter's key (its last part says the layout, e.g. ``...attn.ah_bias``). The
     agent dim is resized as the square grid it is, and every spatial dim linearly, which is the
-    separable form of the bilinear resize the official dense code applies in its forward pass.
+    separable form of the bilinear resize the official dense code applies in its forward pass. The
+    official 5-D row/column grids ``(1, heads, ...)`` are taken as the 4-D ones the model holds.
     """
     kind = name.rsplit('.', 1)[-1]
     if kind not in _AGENT_DIM:
         raise KeyError(f'{name} is not an agent attention bias')
+    if kind in _ROW_COL and value.dim() == 5 and value.shape[0] == 1:
+        value = value[0]
     if tuple(value.shape) == tuple(shape):
         return value
     if value.dim() != len(shape):
@@ -375,7 +380,7 @@ def resize_agent_bias(name: str, value: torch.Tensor, shape: Tuple[int, ...]) ->
         value = grid.flatten(-2).movedim(-1, agent_dim)
     for dim in range(value.dim()):
         if value.shape[dim] != shape[dim]:
-            if value.shape[dim] == 1 or shape[dim] == 1 or dim == (0 if kind in ('an_bias', 'na_bias') else 1):
+            if value.shape[dim] == 1 or shape[dim] == 1 or dim == (1 if kind in ('ac_bias', 'ca_bias') else 0):
                 raise ValueError(f'{name}: cannot resize {tuple(value.shape)} to {tuple(shape)}')
             value = _linear_resize(value, dim, shape[dim])
     return value

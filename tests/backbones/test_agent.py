@@ -24,6 +24,15 @@ from ..conftest import randomize_
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _official_bias(k, v):
+    """The official code keeps a leading singleton dim on the row/column bias grids."""
+    return v[None] if k.endswith(('.ah_bias', '.aw_bias', '.ha_bias', '.wa_bias')) else v
+
+
+def to_agent_deit_official(sd):
+    return {k: _official_bias(k, v) for k, v in sd.items()}
+
+
 def to_agent_pvt_official(sd):
     out = {}
     for k, v in sd.items():
@@ -34,7 +43,7 @@ def to_agent_pvt_official(sd):
             dim = v.shape[0] // 3
             out[k.replace('.qkv.', '.q.')], out[k.replace('.qkv.', '.kv.')] = v[:dim], v[dim:]
             continue
-        out[k] = v
+        out[k] = _official_bias(k, v)
     return out
 
 
@@ -65,7 +74,7 @@ def to_agent_swin_official(sd, depths, resolution=56, window=7):
         if m:
             k = f'layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}'
         k = re.sub(r'^stages\.', 'layers.', k)
-        out[k] = v
+        out[k] = _official_bias(k, v)
         m = re.match(r'^layers\.(\d)\.blocks\.(\d+)\.attn\.relative_position_bias_table$', k)
         if m:
             stage, block = int(m.group(1)), int(m.group(2))
@@ -218,7 +227,7 @@ def test_shifted_window_attention_against_window_loops(size):
 
 def test_agent_deit_official_layout_loads_strictly(tmp_path):
     source = randomize_(timm.create_model('az_agent_deit_t')).eval()
-    official = source.state_dict()
+    official = to_agent_deit_official(source.state_dict())
     _check_official_keys(official, {
         'patch_embed.proj.weight': (192, 3, 16, 16), 'cls_token': (1, 1, 192), 'pos_embed': (1, 197, 192),
         'blocks.0.attn.qkv.weight': (576, 192), 'blocks.0.attn.ah_bias': (1, 3, 49, 14, 1),

@@ -210,6 +210,20 @@ def test_bad_input_raises_value_error_with_shapes(name):
 
 
 @pytest.mark.parametrize('name', HEAVY)
+def test_channels_last_conversion_keeps_output(name):
+    # benchmarks and users convert whole models; torch refuses this for any 5-D parameter
+    model = timm.create_model(name).eval()
+    randomize_(model)
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    # other conv algorithms sum in another order: float32 rounding, norm-relative as in the compile test
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize('name', HEAVY)
 def test_bf16_autocast_on_cpu(name):
     model = timm.create_model(name).eval()
     x = torch.randn(2, 3, 128, 96)

@@ -141,8 +141,8 @@ def agent_block_transcription(block, x, size):
             r0, r1 = (i * H) // g, -(-((i + 1) * H) // g)
             c0, c1 = (j * W) // g, -(-((j + 1) * W) // g)
             agents[:, i * g + j] = q_map[:, r0:r1, c0:c1].mean(dim=(1, 2))
-    an = _resize_grid(block.an_bias, size) + _resize_grid((block.ah_bias + block.aw_bias)[0], size)
-    na = _resize_grid(block.na_bias, size) + _resize_grid((block.ha_bias + block.wa_bias)[0].permute(0, 3, 1, 2), size)
+    an = _resize_grid(block.an_bias, size) + _resize_grid(block.ah_bias + block.aw_bias, size)
+    na = _resize_grid(block.na_bias, size) + _resize_grid((block.ha_bias + block.wa_bias).permute(0, 3, 1, 2), size)
     agent_bias = an.flatten(2)
     query_bias = na.flatten(2).transpose(1, 2)
     if P:
@@ -187,8 +187,8 @@ def test_resized_biases_equal_the_dense_code_resizing_them_in_forward():
     def spatial(t):
         return F.interpolate(t, size=size, mode='bilinear').reshape(heads, 9, hw)
 
-    to_keys = agents_to_4x4(spatial(small.an_bias) + spatial((small.ah_bias + small.aw_bias)[0]))
-    to_agents = agents_to_4x4(spatial(small.na_bias) + spatial((small.ha_bias + small.wa_bias)[0].permute(0, 3, 1, 2)))
+    to_keys = agents_to_4x4(spatial(small.an_bias) + spatial(small.ah_bias + small.aw_bias))
+    to_agents = agents_to_4x4(spatial(small.na_bias) + spatial((small.ha_bias + small.wa_bias).permute(0, 3, 1, 2)))
     agent_bias, query_bias = big.position_biases(size)
     torch.testing.assert_close(agent_bias, to_keys, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(query_bias, to_agents.transpose(1, 2), rtol=1e-12, atol=1e-12)
