@@ -12,7 +12,10 @@ Example:
     python scripts/benchmark.py --models az_davit_tiny az_shvit_s4 --peers davit_tiny shvit_s4 \\
         --amp --channels-last --compile both --json davit_shvit.json
 
-Only ``--mode models`` exists for now; the mode switch is where a kernel-level benchmark will plug in.
+``--mode kernels`` times neighborhood attention (``na2d``) against torch flex attention, dense SDPA and
+NATTEN where installed, forward and forward+backward, with TFLOP/s and GB/s against the memory floor:
+
+    python scripts/benchmark.py --mode kernels --json na2d.json
 """
 import argparse
 import gc
@@ -48,6 +51,8 @@ except ImportError:
     # Running from a checkout that was never installed: the package lives in the repository root.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnzoo
+
+from attnzoo.zoo import kernel_bench  # noqa: E402  (after the path fix above)
 
 # Per-device defaults: CPU runs are smoke tests or rough comparisons and must stay short, GPU runs
 # need batches large enough to fill the device and enough iterations for a stable median.
@@ -93,6 +98,15 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--iters', type=int, default=None, metavar='N',
                         help='Timed iterations per phase; throughput uses their median '
                              '(default: 30 on CUDA, 5 on CPU).')
+    kernels = parser.add_argument_group('--mode kernels', 'neighborhood attention (na2d) against its peers')
+    kernels.add_argument('--cases', nargs='+', default=None, metavar='B,HEADS,H,W,D,K,DIL',
+                         help='Shapes to measure (default: the Triton issue\'s targets and DiNAT-T\'s layers).')
+    kernels.add_argument('--methods', nargs='+', default=list(kernel_bench.METHODS), choices=kernel_bench.METHODS,
+                         help='Implementations to time side by side (default: all; a missing one is reported).')
+    kernels.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'float16', 'float32'),
+                         help='Element type of q, k, v (default: bfloat16).')
+    kernels.add_argument('--bandwidth', type=float, default=4300., metavar='GB/S',
+                         help='Copy bandwidth the memory floor is computed with (default: 4300, an H200).')
     parser.add_argument('--json', default=None, metavar='PATH',
                         help='Write every result and the run metadata to this JSON file.')
     return parser
@@ -120,6 +134,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         unknown = [name for name in args.models + args.peers if not timm.is_model(name)]
         if unknown:
             parser.error(f'unknown model name(s): {", ".join(unknown)}')
+    if args.mode == 'kernels':
+        try:
+            args.cases = [kernel_bench.parse_case(c) for c in args.cases] if args.cases else None
+        except ValueError as exc:
+            parser.error(str(exc))
     if min(args.batch_size, args.train_batch_size, args.iters) < 1 or args.warmup < 0:
         parser.error('batch sizes and --iters must be >= 1 and --warmup >= 0')
     if args.compile and args.warmup < 1:
@@ -468,9 +487,55 @@ def run_models(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return int(any(row['error'] for row in rows))
 
 
-# --mode choices; a kernel-level benchmark will be registered here next to 'models'.
+def format_kernel_table(rows: Sequence[Dict[str, Any]]) -> str:
+    """One line per (case, method); x floor is time over the memory floor, x peer attnzoo over the best exact peer."""
+    header = (f'{"case":<44} {"method":<10} {"fwd ms":>8} {"TFLOP/s":>8} {"GB/s":>7} {"x floor":>8} '
+              f'{"f+b ms":>8} {"TFLOP/s":>8} {"GB/s":>7} {"x floor":>8}')
+    lines = [header, '-' * len(header)]
+    for row in rows:
+        head = f'{row["case_name"]:<44} {row["method"]:<10}'
+        if row['error']:
+            lines.append(f'{head} ! {row["error"]}')
+            continue
+        cells = [f'{row[f"{p}_ms"]:8.3f} {row[f"{p}_tflops"]:8.1f} {row[f"{p}_gbs"]:7.0f} {row[f"{p}_x_floor"]:8.1f}'
+                 for p in ('fwd', 'fwd_bwd')]
+        lines.append(f'{head} {cells[0]} {cells[1]}')
+    return '\n'.join(lines)
+
+
+def run_kernels(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Time na2d against its peers on every case, print the table and the ratios, write the JSON."""
+    device = torch.device(args.device)
+    meta = collect_metadata(args, argv, device)
+    dtype = getattr(torch, args.dtype)
+    cases = args.cases or kernel_bench.default_cases()
+
+    def timer(step: Callable[[], Any]) -> float:
+        return statistics.median(time_iterations(step, args.warmup, args.iters, device))
+
+    rows, ratios = [], []
+    progress = tqdm(cases, desc='na2d', unit='case', file=sys.stderr) if tqdm is not None else cases
+    for case in progress:
+        case_rows = kernel_bench.run_case(case, args.methods, dtype, device, timer, args.bandwidth)
+        rows += case_rows
+        ratios.append((case.name, *(kernel_bench.best_peer_ratio(case_rows, p) for p in ('fwd', 'fwd_bwd'))))
+    print(f'na2d on {meta["gpu"] or meta["cpu"]} ({device}), torch {torch.__version__}, triton '
+          f'{meta["versions"]["triton"]}, {args.dtype}, rpb on (sdpa, natten: none), warmup {args.warmup}, '
+          f'iters {args.iters} (median), floor at {args.bandwidth:.0f} GB/s')
+    print(format_kernel_table(rows))
+    print('attnzoo time / best exact peer (flex, natten): ' + '; '.join(
+        f'{name}: {"-" if f is None else f"{f:.3f}"} / {"-" if b is None else f"{b:.3f}"}' for name, f, b in ratios))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(dict(meta=meta, results=rows), f, indent=2)
+    return int(any(row['error'] for row in rows if row['method'] == 'attnzoo'))
+
+
+# --mode choices
 _MODES: Dict[str, Callable[[argparse.Namespace, Sequence[str]], int]] = {
     'models': run_models,
+    'kernels': run_kernels,
 }
 
 

@@ -1,7 +1,14 @@
+import os
+
 import pytest
 import torch
 
-import attnzoo  # noqa: F401  (registers the az_* models with timm)
+if not torch.cuda.is_available():
+    # Triton kernels are tested in Triton's interpreter on CPU-only machines; it must be chosen
+    # before Triton is first imported (attnzoo imports it)
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import attnzoo  # noqa: E402,F401  (registers the az_* models with timm)
 
 
 @pytest.fixture(autouse=True)

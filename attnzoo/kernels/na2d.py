@@ -4,7 +4,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .dispatch import kernel_op
+from .dispatch import kernel_mode, kernel_op
 
 __all__ = ['na2d']
 
@@ -52,6 +52,37 @@ def _axis_neighbours(
     return _build_axis_neighbours(length, kernel_size, dilation, device)
 
 
+def _check_args(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kernel_size: Union[int, Tuple[int, int]],
+        dilation: Union[int, Tuple[int, int]],
+        rpb: Optional[torch.Tensor],
+) -> Tuple[int, int, int, int]:
+    """Validate ``na2d``'s arguments (ValueErrors that state what was expected); returns kh, kw, dh, dw."""
+    kh, kw = _pair(kernel_size, 'kernel_size')
+    dh, dw = _pair(dilation, 'dilation')
+    if q.dim() != 5 or q.shape != k.shape or v.dim() != 5 or q.shape[:-1] != v.shape[:-1]:
+        raise ValueError(
+            f'na2d expects q, k of shape (B, H, W, heads, head_dim) and v of shape (B, H, W, heads, v_dim), '
+            f'got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}')
+    if kh % 2 == 0 or kw % 2 == 0 or kh < 3 or kw < 3:
+        raise ValueError(f'na2d needs odd kernel sizes of at least 3, got {kh}x{kw}')
+    if dh < 1 or dw < 1:
+        raise ValueError(f'na2d needs dilations of at least 1, got {dh}x{dw}')
+    B, H, W, heads, d = q.shape
+    if H < kh * dh or W < kw * dw:
+        raise ValueError(
+            f'na2d needs a map of at least kernel_size * dilation = {kh * dh}x{kw * dw} positions, '
+            f'got {H}x{W}: pad it first')
+    if rpb is not None and tuple(rpb.shape) != (heads, 2 * kh - 1, 2 * kw - 1):
+        raise ValueError(
+            f'na2d expects rpb of shape (heads, 2 * kh - 1, 2 * kw - 1) = {(heads, 2 * kh - 1, 2 * kw - 1)}, '
+            f'got {tuple(rpb.shape)}')
+    return kh, kw, dh, dw
+
+
 @kernel_op
 def na2d(
         q: torch.Tensor,
@@ -82,25 +113,8 @@ def na2d(
     Returns:
         ``(B, H, W, heads, v_dim)``, the attention output at every position.
     """
-    kh, kw = _pair(kernel_size, 'kernel_size')
-    dh, dw = _pair(dilation, 'dilation')
-    if q.dim() != 5 or q.shape != k.shape or v.dim() != 5 or q.shape[:-1] != v.shape[:-1]:
-        raise ValueError(
-            f'na2d expects q, k of shape (B, H, W, heads, head_dim) and v of shape (B, H, W, heads, v_dim), '
-            f'got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}')
-    if kh % 2 == 0 or kw % 2 == 0 or kh < 3 or kw < 3:
-        raise ValueError(f'na2d needs odd kernel sizes of at least 3, got {kh}x{kw}')
-    if dh < 1 or dw < 1:
-        raise ValueError(f'na2d needs dilations of at least 1, got {dh}x{dw}')
+    kh, kw, dh, dw = _check_args(q, k, v, kernel_size, dilation, rpb)
     B, H, W, heads, d = q.shape
-    if H < kh * dh or W < kw * dw:
-        raise ValueError(
-            f'na2d needs a map of at least kernel_size * dilation = {kh * dh}x{kw * dw} positions, '
-            f'got {H}x{W}: pad it first')
-    if rpb is not None and tuple(rpb.shape) != (heads, 2 * kh - 1, 2 * kw - 1):
-        raise ValueError(
-            f'na2d expects rpb of shape (heads, 2 * kh - 1, 2 * kw - 1) = {(heads, 2 * kh - 1, 2 * kw - 1)}, '
-            f'got {tuple(rpb.shape)}')
     scale = d ** -0.5 if scale is None else scale
     dv = v.shape[-1]
     N, kk = H * W, kh * kw
@@ -122,3 +136,25 @@ def na2d(
         logits = logits + bias.to(logits.dtype)
     out = logits.softmax(dim=-1) @ v  # (B, heads, N, 1, dv)
     return out.view(B, heads, H, W, dv).permute(0, 2, 3, 1, 4)
+
+
+try:
+    from . import na2d_triton as _fused
+except ImportError:  # no Triton on this platform: the reference serves every call
+    _fused = None
+
+
+def _na2d_fused(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    kh, kw, dh, dw = _check_args(q, k, v, kernel_size, dilation, rpb)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _fused.na2d_fused(q, k, v, kh, kw, dh, dw, rpb, scale)
+
+
+def _fused_supports(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    kh, kw, dh, dw = _check_args(q, k, v, kernel_size, dilation, rpb)
+    # on the CPU the kernel runs only in Triton's interpreter, and only when asked for by name
+    return _fused.fused_unsupported_reason(q, k, v, kh, kw, rpb, allow_cpu=kernel_mode() == 'triton')
+
+
+if _fused is not None:
+    na2d.register_triton(_na2d_fused, _fused_supports)

@@ -1,0 +1,523 @@
+"""Fused Triton neighborhood attention (``na2d``): forward and backward, dilation and relative position bias.
+
+Exactly the semantics of the reference :func:`attnzoo.kernels.na2d` (NATTEN <= 0.14). Dilation is
+handled per dilation group: the positions congruent to ``(gr, gc)`` modulo ``(dh, dw)`` form an
+undilated map of their own, so every program works on one group in "group steps" and never
+evaluates a mask over positions of other groups.
+
+Forward: a program takes a ``TH x TW`` tile of queries of one group, image and head. The windows
+of the tile lie inside a halo of ``(TH + kh - 1) x (TW + kw - 1)`` keys (window starts grow by at
+most one per step, also where they are clamped at the borders), which the program reads once, a
+few halo rows at a time, with an online softmax; pairs outside a query's window are masked. It
+stores the output and the base-2 log-sum-exp of every row for the backward.
+
+Backward: a query-tile program recomputes the probabilities from the log-sum-exp and writes dq,
+``D = rowsum(dO * O)`` and a per-program partial sum of d(rpb); a key-tile program loops over
+the queries whose windows can contain its keys (a range per axis, exact at the clamped borders)
+and writes dk and dv. No atomics: the d(rpb) partials are summed by torch afterwards, so
+gradients are deterministic.
+
+The bias of a (query, key) pair is indexed by ``key_step - query_step + k - 1`` on each axis, a
+difference of the two, so the partial d(rpb) of a tile is ``A @ dS' @ B`` with one-hot matrices
+``A`` and ``B`` and ``dS'`` the tile's score gradients regrouped as (query row, key row) x
+(query col, key col): two small matrix products instead of a scatter.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ['na2d_fused', 'fused_unsupported_reason', 'full_window', 'na2d_full_window_sdpa']
+
+# log2(e): scores are kept in base-2 units (exp2 is the hardware's exponential); the kernels spell
+# the literal, since a jitted function reads no Python globals
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KERNEL_SIZE = 13
+MAX_HEAD_DIM = 128
+
+
+def _tile(kernel_size: int) -> int:
+    """Query tile side for a kernel size: the largest power of two whose halo fits 16 positions."""
+    return 8 if kernel_size <= 9 else 4
+
+
+def _halo(kernel_size: int) -> int:
+    return triton.next_power_of_2(_tile(kernel_size) + kernel_size - 1)
+
+
+@triton.jit
+def _window_start(step, length, K: tl.constexpr):
+    """First group step of the window of a query at ``step`` in a group of ``length`` steps."""
+    return tl.minimum(tl.maximum(step - K // 2, 0), length - K)
+
+
+@triton.jit
+def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``a @ b`` accumulated in float32; UPCAST works around Triton's interpreter, whose bf16 dot is wrong."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision='ieee')
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _decode_program(pid, H, W, DH, DW, NT_R, NT_C):
+    """Program id -> (tile row, tile col, group row, group col, group height, group width)."""
+    tc = pid % NT_C
+    rest = pid // NT_C
+    tr = rest % NT_R
+    rest = rest // NT_R
+    gc = rest % DW
+    gr = rest // DW
+    len_r = (H - gr + DH - 1) // DH
+    len_c = (W - gc + DW - 1) // DW
+    return tr, tc, gr, gc, len_r, len_c
+
+
+@triton.jit
+def _query_tile(pid, H, W, DH, DW, NT_R, NT_C,
+                KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """A query-tile program's group, its queries (group steps, validity, pixel positions, window
+    starts) and the top-left corner of its key halo, in group steps."""
+    tr, tc, gr, gc, len_r, len_c = _decode_program(pid, H, W, DH, DW, NT_R, NT_C)
+    qi = tl.arange(0, TH * TW)
+    qr = tr * TH + qi // TW
+    qc = tc * TW + qi % TW
+    q_valid = (qr < len_r) & (qc < len_c)
+    ws_r = _window_start(qr, len_r, KH)
+    ws_c = _window_start(qc, len_c, KW)
+    hs_r = tl.minimum(tl.maximum(tr * TH - KH // 2, 0), len_r - KH)
+    hs_c = tl.minimum(tl.maximum(tc * TW - KW // 2, 0), len_c - KW)
+    return tr, tc, gr, gc, len_r, len_c, qr, qc, q_valid, gr + qr * DH, gc + qc * DW, ws_r, ws_c, hs_r, hs_c
+
+
+@triton.jit
+def _halo_chunk(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r, hs_c, len_r, len_c, c,
+                HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                KH: tl.constexpr, TH: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr):
+    """Halo rows ``c .. c + CH - 1`` of a query tile: their keys' group steps, keys and values."""
+    ki = tl.arange(0, CH * HW)
+    kr = hs_r + c + ki // HW
+    kc = hs_c + ki % HW
+    k_valid = (kr < len_r) & (kc < len_c) & (ki // HW + c < TH + KH - 1)
+    row, col = gr + kr * DH, gc + kc * DW
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(k_base + (row * skh + col * skw)[:, None] + d[None, :],
+                mask=k_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
+    v = tl.load(v_base + (row * svh + col * svw)[:, None] + dv[None, :],
+                mask=k_valid[:, None] & (dv[None, :] < V_DIM), other=0.)
+    return kr, kc, k, v
+
+
+@triton.jit
+def _tile_scores(q, k, qr, qc, ws_r, ws_c, kr, kc, rpb_base, qk_scale,
+                 KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 scores of queries against a halo chunk, bias included, and which pairs are in a window."""
+    s = _mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
+    inside = ((kr[None, :] >= ws_r[:, None]) & (kr[None, :] < ws_r[:, None] + KH)
+              & (kc[None, :] >= ws_c[:, None]) & (kc[None, :] < ws_c[:, None] + KW))
+    if HAS_RPB:
+        bias_idx = (kr[None, :] - qr[:, None] + KH - 1) * (2 * KW - 1) + (kc[None, :] - qc[:, None] + KW - 1)
+        bias = tl.load(rpb_base + bias_idx, mask=inside, other=0.)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    return s, inside
+
+
+@triton.jit
+def _na2d_fwd_kernel(
+        Q, K, V, RPB, OUT, LSE,
+        sqb, sqh, sqw, sqn,
+        skb, skh, skw, skn,
+        svb, svh, svw, svn,
+        sob, soh, sow, son,
+        H, W, NH, DH, DW, NT_R, NT_C,
+        qk_scale,
+        HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // NH).to(tl.int64)
+    n = bh % NH
+    tr, tc, gr, gc, len_r, len_c, qr, qc, q_valid, q_row, q_col, ws_r, ws_c, hs_r, hs_c = _query_tile(
+        pid, H, W, DH, DW, NT_R, NT_C, KH, KW, TH, TW)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + b * sqb + n * sqn + (q_row * sqh + q_col * sqw)[:, None] + d[None, :]
+    q = tl.load(q_ptrs, mask=q_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
+
+    m_i = tl.full([TH * TW], float('-inf'), tl.float32)
+    l_i = tl.zeros([TH * TW], tl.float32)
+    acc = tl.zeros([TH * TW, BLOCK_DV], tl.float32)
+    for c in tl.static_range(0, TH + KH - 1, CH):
+        kr, kc, k, v = _halo_chunk(K + b * skb + n * skn, V + b * svb + n * svn, skh, skw, svh, svw,
+                                   gr, gc, DH, DW, hs_r, hs_c, len_r, len_c, c,
+                                   HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, KH, TH, CH, HW)
+        s, inside = _tile_scores(q, k, qr, qc, ws_r, ws_c, kr, kc, RPB + n * (2 * KH - 1) * (2 * KW - 1),
+                                 qk_scale, KH, KW, HAS_RPB, PRECISION, UPCAST)
+        s = tl.where(inside, s, float('-inf'))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a chunk can lie outside every window of some rows: keep those rows' state unchanged
+        m_safe = tl.where(m_new == float('-inf'), 0., m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_ptrs = OUT + b * sob + n * son + (q_row * soh + q_col * sow)[:, None] + dv[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=q_valid[:, None] & (dv[None, :] < V_DIM))
+    lse_ptrs = LSE + bh.to(tl.int64) * H * W + q_row * W + q_col
+    tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=q_valid)
+
+
+@triton.jit
+def _na2d_bwd_dq_kernel(
+        Q, K, V, RPB, OUT, DO, LSE, DELTA, DQ, DRPB,
+        sqb, sqh, sqw, sqn,
+        skb, skh, skw, skn,
+        svb, svh, svw, svn,
+        sob, soh, sow, son,
+        sdb, sdh, sdw, sdn,
+        sgb, sgh, sgw, sgn,
+        H, W, NH, DH, DW, NT_R, NT_C,
+        qk_scale, scale,
+        HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+        HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // NH).to(tl.int64)
+    n = bh % NH
+    tr, tc, gr, gc, len_r, len_c, qr, qc, q_valid, q_row, q_col, ws_r, ws_c, hs_r, hs_c = _query_tile(
+        pid, H, W, DH, DW, NT_R, NT_C, KH, KW, TH, TW)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q_pos = q_row * sqh + q_col * sqw
+    q = tl.load(Q + b * sqb + n * sqn + q_pos[:, None] + d[None, :],
+                mask=q_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
+    o_mask = q_valid[:, None] & (dv[None, :] < V_DIM)
+    o = tl.load(OUT + b * sob + n * son + (q_row * soh + q_col * sow)[:, None] + dv[None, :], mask=o_mask, other=0.)
+    do = tl.load(DO + b * sdb + n * sdn + (q_row * sdh + q_col * sdw)[:, None] + dv[None, :], mask=o_mask, other=0.)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    stat_off = bh.to(tl.int64) * H * W + q_row * W + q_col
+    tl.store(DELTA + stat_off, delta, mask=q_valid)
+    lse = tl.load(LSE + stat_off, mask=q_valid, other=0.)
+
+    dq = tl.zeros([TH * TW, BLOCK_D], tl.float32)
+    if RPB_GRAD:
+        # d(rpb) rows by (query col, key col) pairs, reduced over columns after the loop
+        drpb_rows = tl.zeros([BI, TW * HW], tl.float32)
+    for c in tl.static_range(0, TH + KH - 1, CH):
+        kr, kc, k, v = _halo_chunk(K + b * skb + n * skn, V + b * svb + n * svn, skh, skw, svh, svw,
+                                   gr, gc, DH, DW, hs_r, hs_c, len_r, len_c, c,
+                                   HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, KH, TH, CH, HW)
+        s, inside = _tile_scores(q, k, qr, qc, ws_r, ws_c, kr, kc, RPB + n * (2 * KH - 1) * (2 * KW - 1),
+                                 qk_scale, KH, KW, HAS_RPB, PRECISION, UPCAST)
+        inside = inside & q_valid[:, None]
+        p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.)
+        dp = _mma(do, tl.trans(v), PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _mma(ds.to(k.dtype), k, PRECISION, UPCAST)
+        if RPB_GRAD:
+            # regroup dS (q_row, q_col) x (k_row, k_col) as (q_row, k_row) x (q_col, k_col) and sum
+            # each (q_row, k_row) pair into its bias row k_row - q_row + const with a one-hot product
+            x = tl.reshape(tl.permute(tl.reshape(ds, [TH, TW, CH, HW]), [0, 2, 1, 3]), [TH * CH, TW * HW])
+            pair = tl.arange(0, TH * CH)
+            row_of = (pair % CH + hs_r + c) - (pair // CH + tr * TH) + KH - 1
+            one_hot = (row_of[None, :] == tl.arange(0, BI)[:, None]).to(tl.float32)
+            drpb_rows += tl.dot(one_hot, x, input_precision=PRECISION)
+
+    dq_ptrs = DQ + b * sgb + n * sgn + (q_row * sgh + q_col * sgw)[:, None] + d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_valid[:, None] & (d[None, :] < HEAD_DIM))
+    if RPB_GRAD:
+        pair = tl.arange(0, TW * HW)
+        col_of = (pair % HW + hs_c) - (pair // HW + tc * TW) + KW - 1
+        one_hot = (col_of[:, None] == tl.arange(0, BJ)[None, :]).to(tl.float32)
+        part = tl.dot(drpb_rows, one_hot, input_precision=PRECISION)
+        num_programs = tl.num_programs(0)
+        part_ptrs = (DRPB + (bh.to(tl.int64) * num_programs + pid) * BI * BJ
+                     + tl.arange(0, BI)[:, None] * BJ + tl.arange(0, BJ)[None, :])
+        tl.store(part_ptrs, part)
+
+
+@triton.jit
+def _na2d_bwd_dkdv_kernel(
+        Q, K, V, RPB, DO, LSE, DELTA, DK, DV,
+        sqb, sqh, sqw, sqn,
+        skb, skh, skw, skn,
+        svb, svh, svw, svn,
+        sdb, sdh, sdw, sdn,
+        skgb, skgh, skgw, skgn,
+        svgb, svgh, svgw, svgn,
+        H, W, NH, DH, DW, NT_R, NT_C,
+        qk_scale, scale,
+        HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // NH).to(tl.int64)
+    n = bh % NH
+    tr, tc, gr, gc, len_r, len_c = _decode_program(pid, H, W, DH, DW, NT_R, NT_C)
+
+    # the keys of the tile, in group steps
+    ki = tl.arange(0, TH * TW)
+    kr = tr * TH + ki // TW
+    kc = tc * TW + ki % TW
+    k_valid = (kr < len_r) & (kc < len_c)
+    k_row, k_col = gr + kr * DH, gc + kc * DW
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    k_pos = k_row * skh + k_col * skw
+    k = tl.load(K + b * skb + n * skn + k_pos[:, None] + d[None, :],
+                mask=k_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
+    v_pos = k_row * svh + k_col * svw
+    v = tl.load(V + b * svb + n * svn + v_pos[:, None] + dv[None, :],
+                mask=k_valid[:, None] & (dv[None, :] < V_DIM), other=0.)
+
+    # the queries whose windows can hold a key of the tile form one range per axis: from the first
+    # query whose window reaches the tile's first key to the last whose window starts by its last
+    t0_r, t0_c = tr * TH, tc * TW
+    t1_r, t1_c = tl.minimum(t0_r + TH - 1, len_r - 1), tl.minimum(t0_c + TW - 1, len_c - 1)
+    first_r = tl.where(t0_r <= KH - 1, 0, t0_r - KH // 2)
+    first_c = tl.where(t0_c <= KW - 1, 0, t0_c - KW // 2)
+    last_r = tl.where(t1_r >= len_r - KH, len_r - 1, t1_r + KH // 2)
+    last_c = tl.where(t1_c >= len_c - KW, len_c - 1, t1_c + KW // 2)
+
+    dk = tl.zeros([TH * TW, BLOCK_D], tl.float32)
+    dv_acc = tl.zeros([TH * TW, BLOCK_DV], tl.float32)
+    qi = tl.arange(0, CH * HW)
+    for r0 in range(first_r, last_r + 1, CH):
+        for c0 in range(first_c, last_c + 1, HW):
+            qr = r0 + qi // HW
+            qc = c0 + qi % HW
+            q_valid = (qr <= last_r) & (qc <= last_c)
+            q_row, q_col = gr + qr * DH, gc + qc * DW
+            q = tl.load(Q + b * sqb + n * sqn + (q_row * sqh + q_col * sqw)[:, None] + d[None, :],
+                        mask=q_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
+            do = tl.load(DO + b * sdb + n * sdn + (q_row * sdh + q_col * sdw)[:, None] + dv[None, :],
+                         mask=q_valid[:, None] & (dv[None, :] < V_DIM), other=0.)
+            stat_off = bh.to(tl.int64) * H * W + q_row * W + q_col
+            lse = tl.load(LSE + stat_off, mask=q_valid, other=0.)
+            delta = tl.load(DELTA + stat_off, mask=q_valid, other=0.)
+            ws_r = _window_start(qr, len_r, KH)
+            ws_c = _window_start(qc, len_c, KW)
+            # transposed scores: keys x queries
+            st = _mma(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
+            inside = ((kr[:, None] >= ws_r[None, :]) & (kr[:, None] < ws_r[None, :] + KH)
+                      & (kc[:, None] >= ws_c[None, :]) & (kc[:, None] < ws_c[None, :] + KW)
+                      & q_valid[None, :] & k_valid[:, None])
+            if HAS_RPB:
+                bias_idx = ((kr[:, None] - qr[None, :] + KH - 1) * (2 * KW - 1)
+                            + (kc[:, None] - qc[None, :] + KW - 1))
+                bias = tl.load(RPB + n * (2 * KH - 1) * (2 * KW - 1) + bias_idx, mask=inside, other=0.)
+                st += bias.to(tl.float32) * 1.4426950408889634
+            pt = tl.where(inside, tl.exp2(st - lse[None, :]), 0.)
+            dv_acc += _mma(pt.to(do.dtype), do, PRECISION, UPCAST)
+            dpt = _mma(v, tl.trans(do), PRECISION, UPCAST)
+            dst = pt * (dpt - delta[None, :])
+            dk += _mma(dst.to(q.dtype), q, PRECISION, UPCAST)
+
+    # the gradients are dense tensors of their own: their strides, not those of k and v
+    dk_ptrs = DK + b * skgb + n * skgn + (k_row * skgh + k_col * skgw)[:, None] + d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=k_valid[:, None] & (d[None, :] < HEAD_DIM))
+    dv_ptrs = DV + b * svgb + n * svgn + (k_row * svgh + k_col * svgw)[:, None] + dv[None, :]
+    tl.store(dv_ptrs, dv_acc.to(DV.dtype.element_ty), mask=k_valid[:, None] & (dv[None, :] < V_DIM))
+
+
+def _empty(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the kernels fill; one allocation point, so tests can poison them all."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    """(batch, row, col, head) strides of a ``(B, H, W, heads, dim)`` tensor whose last dim is dense."""
+    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+
+
+def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _Launch:
+    """Grid and compile-time constants shared by the three kernels for one call's shapes."""
+
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, kh: int, kw: int, dh: int, dw: int):
+        B, H, W, heads, head_dim = q.shape
+        self.H, self.W, self.heads = H, W, heads
+        self.th, self.tw = _tile(kh), _tile(kw)
+        self.nt_r = triton.cdiv(triton.cdiv(H, dh), self.th)
+        self.nt_c = triton.cdiv(triton.cdiv(W, dw), self.tw)
+        self.grid = (self.nt_r * self.nt_c * dh * dw, B * heads)
+        self.dims = (H, W, heads, dh, dw, self.nt_r, self.nt_c)
+        self.meta = dict(
+            HEAD_DIM=head_dim, V_DIM=v.shape[-1],
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
+            KH=kh, KW=kw, TH=self.th, TW=self.tw, HW=_halo(kw),
+            # float32 inputs get exact float32 products; tf32 would cost three decimal digits
+            PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',
+            UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
+        )
+        # halo rows per step: rows of up to 16 keys, enough that the one-hot products of d(rpb)
+        # have an inner size of 16 (tl.dot's least) and the score tile stays at 64 x 32
+        self.ch = max(2, 16 // self.th)
+        self.num_warps = 4
+
+
+def _forward(q, k, v, rpb, kh, kw, dh, dw, scale):
+    B, H, W, heads, _ = q.shape
+    launch = _Launch(q, v, kh, kw, dh, dw)
+    out = _empty((B, H, W, heads, v.shape[-1]), q.dtype, q.device)
+    lse = _empty((B, heads, H, W), torch.float32, q.device)
+    _na2d_fwd_kernel[launch.grid](
+        q, k, v, rpb if rpb is not None else q, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        *launch.dims, scale * _LOG2E,
+        CH=launch.ch, HAS_RPB=rpb is not None, num_warps=launch.num_warps, **launch.meta)
+    return out, lse
+
+
+def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad):
+    B, H, W, heads, _ = q.shape
+    launch = _Launch(q, v, kh, kw, dh, dw)
+    grad_out = _last_dim_dense(grad_out)
+    dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
+    delta = _empty(lse.shape, lse.dtype, lse.device)
+    bi, bj = max(16, triton.next_power_of_2(2 * kh - 1)), max(16, triton.next_power_of_2(2 * kw - 1))
+    partial = _empty((B * heads * launch.grid[0], bi, bj) if rpb_grad else (1,), torch.float32, q.device)
+    rpb_arg = rpb if rpb is not None else q
+    _na2d_bwd_dq_kernel[launch.grid](
+        q, k, v, rpb_arg, out, grad_out, lse, delta, dq, partial,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
+        *launch.dims, scale * _LOG2E, scale,
+        CH=launch.ch, BI=bi, BJ=bj, HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad,
+        num_warps=launch.num_warps, **launch.meta)
+    _na2d_bwd_dkdv_kernel[launch.grid](
+        q, k, v, rpb_arg, grad_out, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+        *launch.dims, scale * _LOG2E, scale,
+        CH=launch.ch, HAS_RPB=rpb is not None, num_warps=launch.num_warps, **launch.meta)
+    if rpb_grad:
+        drpb = partial.view(B, heads, launch.grid[0], bi, bj).sum((0, 2))[:, :2 * kh - 1, :2 * kw - 1]
+        drpb = drpb.to(rpb.dtype)
+    else:
+        drpb = q.new_empty(0)
+    return dq, dk, dv, drpb
+
+
+@torch.library.custom_op('attnzoo::na2d_forward', mutates_args=(), device_types=('cuda', 'cpu'))
+def _na2d_forward_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
+        kh: int, kw: int, dh: int, dw: int, scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward(_last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v),
+                    None if rpb is None else rpb.contiguous(), kh, kw, dh, dw, scale)
+
+
+@_na2d_forward_op.register_fake
+def _(q, k, v, rpb, kh, kw, dh, dw, scale):
+    B, H, W, heads, _ = q.shape
+    return q.new_empty((B, H, W, heads, v.shape[-1])), q.new_empty((B, heads, H, W), dtype=torch.float32)
+
+
+@torch.library.custom_op('attnzoo::na2d_backward', mutates_args=(), device_types=('cuda', 'cpu'))
+def _na2d_backward_op(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
+        out: torch.Tensor, lse: torch.Tensor, kh: int, kw: int, dh: int, dw: int, scale: float, rpb_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_out, _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v),
+                     None if rpb is None else rpb.contiguous(), out, lse, kh, kw, dh, dw, scale, rpb_grad)
+
+
+@_na2d_backward_op.register_fake
+def _(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad):
+    drpb = torch.empty_like(rpb) if rpb_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), drpb
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rpb, kh, kw, dh, dw, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rpb, out, lse)
+    ctx.params = (kh, kw, dh, dw, scale)
+
+
+def _backward_autograd(ctx, grad_out, grad_lse):
+    q, k, v, rpb, out, lse = ctx.saved_tensors
+    rpb_grad = rpb is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, drpb = torch.ops.attnzoo.na2d_backward(grad_out, q, k, v, rpb, out, lse, *ctx.params, rpb_grad)
+    return dq, dk, dv, drpb if rpb_grad else None, None, None, None, None, None
+
+
+_na2d_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+def full_window(shape: Tuple[int, ...], kh: int, kw: int, dh: int, dw: int) -> bool:
+    """True when every dilation group is exactly one window: NA is then full attention within groups."""
+    return shape[1] == kh * dh and shape[2] == kw * dw
+
+
+def na2d_full_window_sdpa(q, k, v, kh, kw, dh, dw, rpb, scale):
+    """``na2d`` on a map of exactly ``kh*dh x kw*dw``: fused SDPA per dilation group, the bias as its mask.
+
+    Each group is a ``kh x kw`` map whose windows are the whole group, so every query attends to all
+    ``kh * kw`` keys of its group; the bias of a pair is ``rpb[key - query + k - 1]`` per axis.
+    """
+    B, H, W, heads, d = q.shape
+
+    def groups(t):  # (B, H, W, heads, c) -> (B * dh * dw, heads, kh * kw, c); row = step * dh + group
+        c = t.shape[-1]
+        t = t.reshape(B, kh, dh, kw, dw, heads, c).permute(0, 2, 4, 5, 1, 3, 6)
+        return t.reshape(B * dh * dw, heads, kh * kw, c)
+
+    mask = None
+    if rpb is not None:
+        rows = torch.arange(kh, device=q.device)
+        cols = torch.arange(kw, device=q.device)
+        r = (rows[None, :] - rows[:, None] + kh - 1)[:, None, :, None]  # (query row, 1, key row, 1)
+        c = (cols[None, :] - cols[:, None] + kw - 1)[None, :, None, :]
+        mask = rpb[:, r, c].reshape(heads, kh * kw, kh * kw).to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(groups(q), groups(k), groups(v), attn_mask=mask, scale=scale)
+    out = out.view(B, dh, dw, heads, kh, kw, v.shape[-1]).permute(0, 4, 1, 5, 2, 3, 6)
+    return out.reshape(B, H, W, heads, v.shape[-1])
+
+
+def _interpreting() -> bool:
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+def fused_unsupported_reason(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kh: int, kw: int, rpb: Optional[torch.Tensor],
+        allow_cpu: bool,
+) -> Optional[str]:
+    """None when the fused path takes these (already validated) inputs, else why not."""
+    if q.device.type != 'cuda' and not (allow_cpu and _interpreting() and q.device.type == 'cpu'):
+        return f'the Triton kernel runs on CUDA tensors, got {q.device.type} (TRITON_INTERPRET=1 runs it on the CPU)'
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f'q, k, v must share one of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}'
+    if rpb is not None and (rpb.dtype not in _DTYPES or rpb.device != q.device):
+        return f'rpb must be a floating tensor on {q.device}, got {rpb.dtype} on {rpb.device}'
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f'head dims up to {MAX_HEAD_DIM} are supported, got {q.shape[-1]} and {v.shape[-1]}'
+    if max(kh, kw) > MAX_KERNEL_SIZE:
+        return f'kernel sizes up to {MAX_KERNEL_SIZE} are supported, got {kh}x{kw}'
+    return None
+
+
+def na2d_fused(q, k, v, kh: int, kw: int, dh: int, dw: int, rpb: Optional[torch.Tensor], scale: float):
+    """The fastest exact method for validated inputs: SDPA where each group is one window, else the kernel."""
+    if full_window(q.shape, kh, kw, dh, dw) and q.device.type == 'cuda':
+        return na2d_full_window_sdpa(q, k, v, kh, kw, dh, dw, rpb, scale)
+    out, _ = torch.ops.attnzoo.na2d_forward(q, k, v, rpb, kh, kw, dh, dw, float(scale))
+    return out
+

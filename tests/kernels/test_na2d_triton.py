@@ -1,0 +1,147 @@
+"""The fused Triton na2d against the reference: values, every gradient, compile, dispatch and a DiNAT model.
+
+On a machine without CUDA the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1
+before Triton is imported), so the shapes stay small; with CUDA the same tests run the real kernels.
+"""
+import pytest
+import timm
+import torch
+
+from attnzoo.kernels import na2d, na2d_triton, use_kernels
+
+from ..conftest import randomize_
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def _inputs(shape, dv, heads, kernel_size, with_rpb, dtype, transposed=False):
+    B, H, W, d = shape
+    kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+    if transposed:
+        # q, k, v as strided views of one (B, H, W, 3, heads, d) projection, as the blocks make them
+        q, k, v = torch.randn(B, H, W, 3, heads, d, dtype=dtype, device=DEVICE).unbind(3)
+    else:
+        q, k = (torch.randn(B, H, W, heads, d, dtype=dtype, device=DEVICE) for _ in range(2))
+        v = torch.randn(B, H, W, heads, dv, dtype=dtype, device=DEVICE)
+    rpb = torch.randn(heads, 2 * kh - 1, 2 * kw - 1, dtype=dtype, device=DEVICE) if with_rpb else None
+    return [t.requires_grad_() for t in (q, k, v)], rpb.requires_grad_() if with_rpb else None
+
+
+def _check_against_reference(shape, heads, kernel_size, dilation, with_rpb, dtype, dv=None, transposed=False):
+    (q, k, v), rpb = _inputs(shape, dv or shape[-1], heads, kernel_size, with_rpb, dtype, transposed)
+    inputs = [q, k, v] + ([rpb] if with_rpb else [])
+    with use_kernels('triton'):
+        out = na2d(q, k, v, kernel_size, dilation, rpb)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad)
+
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    ref = na2d.reference(*exact[:3], kernel_size, dilation, exact[3] if with_rpb else None)
+    ref_grads = torch.autograd.grad(ref, exact, grad.double())
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert _rel(out, ref) < tol
+    for name, got, want in zip('q k v rpb'.split(), grads, ref_grads):
+        assert got.shape == want.shape
+        assert _rel(got, want) < tol, name
+
+
+@pytest.mark.parametrize('shape,heads,kernel_size,dilation', [
+    ((1, 10, 12, 16), 2, 3, 1),
+    ((1, 13, 11, 16), 1, 5, 2),       # groups of different lengths on both axes
+    ((2, 15, 14, 32), 1, 7, (2, 1)),  # per-axis dilation, rows exactly kernel * dilation... and more
+    ((1, 14, 7, 16), 1, 7, (2, 1)),   # a map exactly kernel * dilation on both axes
+    ((1, 16, 14, 16), 1, 13, 1),      # the largest kernel, tiles of 4
+    ((1, 9, 17, 16), 1, (3, 5), (3, 3)),
+])
+@pytest.mark.parametrize('with_rpb', [True, False])
+def test_triton_matches_reference_float32(shape, heads, kernel_size, dilation, with_rpb):
+    _check_against_reference(shape, heads, kernel_size, dilation, with_rpb, torch.float32)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_triton_matches_reference_half_precision(dtype):
+    _check_against_reference((2, 12, 16, 32), 2, 5, (2, 3), True, dtype, transposed=True)
+
+
+@pytest.mark.parametrize('head_dim,v_dim', [(64, 64), (128, 128), (24, 40)])
+def test_triton_head_dims(head_dim, v_dim):
+    # 24 and 40: dims that are not powers of two are masked up to the next one
+    _check_against_reference((1, 7, 9, head_dim), 1, 3, (2, 1), True, torch.float32, dv=v_dim)
+
+
+def test_every_output_element_is_written(monkeypatch):
+    written = []
+
+    def poisoned(shape, dtype, device):
+        t = torch.full(shape, float('nan'), dtype=dtype, device=device)
+        written.append(t)
+        return t
+
+    monkeypatch.setattr(na2d_triton, '_empty', poisoned)
+    _check_against_reference((1, 11, 9, 16), 2, 3, (1, 2), True, torch.float32)
+    # out, lse; dq, dk, dv, delta, the d(rpb) partials: every one filled without a NaN left
+    assert len(written) == 7
+    assert all(torch.isfinite(t).all() for t in written)
+
+
+def test_full_window_sdpa_path_matches_reference_with_gradients():
+    # each dilation group exactly one window: neighborhood attention is full attention per group
+    q, k, v, rpb = (torch.randn(s, dtype=torch.float64, requires_grad=True)
+                    for s in [(2, 14, 15, 3, 8)] * 3 + [(3, 13, 9)])
+    assert na2d_triton.full_window(q.shape, 7, 5, 2, 3)
+    out = na2d_triton.na2d_full_window_sdpa(q, k, v, 7, 5, 2, 3, rpb, 0.3)
+    ref = na2d.reference(q, k, v, (7, 5), (2, 3), rpb, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(ref)
+    got, want = (torch.autograd.grad(t, (q, k, v, rpb), grad) for t in (out, ref))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_dispatch_picks_the_kernel_only_where_it_runs():
+    q = torch.randn(1, 7, 7, 1, 16, device=DEVICE)
+    with use_kernels('triton'):
+        assert na2d.triton_unsupported_reason(q, q, q, 3) is None
+    with use_kernels('auto'):
+        reason = na2d.triton_unsupported_reason(q, q, q, 3)
+    # auto leaves the interpreter alone: on the CPU it runs the reference
+    assert (reason is None) if DEVICE == 'cuda' else ('CUDA' in reason)
+    assert 'share' in na2d_triton.fused_unsupported_reason(q, q.double(), q, 3, 3, None, allow_cpu=True)
+    assert 'up to 13' in na2d_triton.fused_unsupported_reason(q, q, q, 15, 3, None, allow_cpu=True)
+    with use_kernels('triton'), pytest.raises(ValueError, match='odd kernel sizes'):
+        na2d(q, q, q, 4)
+
+
+def test_compile_fullgraph_through_the_registered_op():
+    (q, k, v), rpb = _inputs((1, 9, 8, 16), 16, 2, 3, True, torch.float32)
+
+    def attend(q, k, v, rpb):
+        return na2d(q, k, v, 3, (2, 1), rpb) * 2
+
+    with use_kernels('triton'):
+        eager = attend(q, k, v, rpb)
+        compiled = torch.compile(attend, fullgraph=True, backend='aot_eager')(q, k, v, rpb)
+        grads = torch.autograd.grad(compiled.sum(), (q, k, v, rpb))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    ref_grads = torch.autograd.grad(na2d.reference(q, k, v, 3, (2, 1), rpb).sum() * 2, (q, k, v, rpb))
+    for got, want in zip(grads, ref_grads):
+        assert _rel(got, want.double()) < 1e-3
+
+
+def test_dinat_model_same_with_reference_and_triton():
+    model = timm.create_model('az_dinat_mini', embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2),
+                              dilations=((1,), (2,), (1, 2), (1,)), num_classes=10)
+    model = randomize_(model).to(DEVICE).eval()
+    x = torch.randn(1, 3, 64, 96, device=DEVICE)
+    with torch.no_grad():
+        with use_kernels('reference'):
+            ref = model(x)
+        with use_kernels('triton'):
+            out = model(x)
+    assert _rel(out, ref.double()) < TOLERANCE[torch.float32]
