@@ -528,7 +528,7 @@ def run_kernels(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, 'w') as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=2)
+            json.dump(dict(meta=meta, results=rows), f, indent=2, default=lambda o: o.name)  # NACase in args
     return int(any(row['error'] for row in rows if row['method'] == 'attnzoo'))
 
 

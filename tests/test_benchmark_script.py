@@ -91,3 +91,26 @@ def test_failing_model_becomes_error_row(bench, tmp_path, monkeypatch):
 def test_unknown_model_is_rejected_before_running(bench):
     with pytest.raises(SystemExit):
         bench.main(['--models', 'az_no_such_model', '--device', 'cpu'])
+
+
+def test_kernel_mode_times_na2d_and_its_peers(bench, tmp_path, capsys):
+    out = tmp_path / 'na2d.json'
+    argv = ['--mode', 'kernels', '--device', 'cpu', '--cases', '2,2,10,12,16,3,2', '--methods', 'attnzoo',
+            'reference', 'sdpa', '--dtype', 'float32', '--warmup', '0', '--iters', '1', '--json', str(out)]
+    assert bench.main(argv) == 0
+    rows = {row['method']: row for row in json.loads(out.read_text())['results']}
+    assert list(rows) == ['attnzoo', 'reference', 'sdpa']
+    # useful work of neighborhood attention: 4 * B*heads*H*W * k*k * d forward, 3.5 times that with backward
+    flops = 4 * 2 * 2 * 10 * 12 * 9 * 16
+    for row in rows.values():
+        assert row['error'] is None, row['error']
+        assert row['fwd_tflops'] == pytest.approx(flops / (row['fwd_ms'] / 1e3) / 1e12)
+        assert row['fwd_bwd_tflops'] == pytest.approx(3.5 * flops / (row['fwd_bwd_ms'] / 1e3) / 1e12)
+        # 4 tensors of 2*10*12*2*16 float32 forward; floor = bytes / 4.3 TB/s
+        assert row['fwd_x_floor'] == pytest.approx(row['fwd_ms'] / 1e3 / (4 * 7680 * 4 / 4300e9))
+    assert 'B2 h2 10x12 d16 k3 dil2' in capsys.readouterr().out
+
+
+def test_kernel_mode_rejects_a_malformed_case(bench):
+    with pytest.raises(SystemExit):
+        bench.main(['--mode', 'kernels', '--device', 'cpu', '--cases', '2,2,10,12,16,3'])
