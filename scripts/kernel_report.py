@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+""" attnzoo Kernel Resource Report
+
+Compiles the fused na2d kernels for a GPU architecture (default sm_90, Hopper) on any machine, no GPU
+needed, and prints what the compiler reports for each: registers per thread, spill stores and loads,
+stack frame and shared memory. Register pressure and spills are the first things to look at when a
+kernel runs far from its memory floor, and reading them costs no device time.
+
+Example:
+    python scripts/kernel_report.py --kernel-size 7 --head-dim 32 --dtype bf16
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+try:
+    from attnzoo.kernels import na2d_triton
+except ImportError:
+    # Running from a checkout that was never installed: the package lives in the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from attnzoo.kernels import na2d_triton
+
+_POINTER_ARGS = {'Q', 'K', 'V', 'OUT', 'DO', 'DQ', 'DK', 'DV'}
+_FLOAT32_POINTER_ARGS = {'RPB', 'LSE', 'DELTA', 'DRPB'}
+_FLOAT_ARGS = {'qk_scale', 'scale'}
+_TRITON_DTYPES = {'bf16': 'bf16', 'fp16': 'fp16', 'fp32': 'fp32'}
+
+
+def _signature(fn: triton.JITFunction, constants: Dict[str, object], dtype: str) -> Dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constants:
+            sig[name] = 'constexpr'
+        elif name in _POINTER_ARGS:
+            sig[name] = f'*{dtype}'
+        elif name in _FLOAT32_POINTER_ARGS:
+            sig[name] = '*fp32'
+        elif name in _FLOAT_ARGS:
+            sig[name] = 'fp32'
+        else:  # strides, sizes, counts
+            sig[name] = 'i32'
+    return sig
+
+
+def ptxas_report(ptx: str, arch: str) -> Dict[str, int]:
+    """Registers, spill bytes and stack frame of one PTX module, from the ptxas that Triton ships."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'kernel.ptx')
+        with open(path, 'w') as f:
+            f.write(ptx)
+        info = subprocess.run([ptxas, f'-arch={arch}', '-v', path, '-o', os.devnull],
+                              capture_output=True, text=True, check=True).stderr
+
+    def number(pattern: str) -> int:
+        match = re.search(pattern, info)
+        return int(match.group(1)) if match else 0
+    return dict(registers=number(r'Used (\d+) registers'), spill_stores=number(r'(\d+) bytes spill stores'),
+                spill_loads=number(r'(\d+) bytes spill loads'), stack_frame=number(r'(\d+) bytes stack frame'))
+
+
+def na2d_kernels(kernel_size: int, head_dim: int, dtype: str) -> Dict[str, tuple]:
+    """Each na2d kernel variant a training step runs: (jitted function, its compile-time constants)."""
+    tile = na2d_triton._tile(kernel_size)
+    block = max(16, triton.next_power_of_2(head_dim))
+    bias_block = max(16, triton.next_power_of_2(2 * kernel_size - 1))
+    base = dict(HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_D=block, BLOCK_DV=block, KH=kernel_size, KW=kernel_size,
+                TH=tile, TW=tile, CH=max(2, 16 // tile), HW=na2d_triton._halo(kernel_size),
+                PRECISION='ieee' if dtype == 'fp32' else 'tf32', UPCAST=False)
+    return {
+        'forward, rpb': (na2d_triton._na2d_fwd_kernel, dict(base, HAS_RPB=True)),
+        'forward, no rpb': (na2d_triton._na2d_fwd_kernel, dict(base, HAS_RPB=False)),
+        'backward dq, rpb + d(rpb)': (na2d_triton._na2d_bwd_dq_kernel,
+                                      dict(base, HAS_RPB=True, RPB_GRAD=True, BI=bias_block, BJ=bias_block)),
+        'backward dk/dv, rpb': (na2d_triton._na2d_bwd_dkdv_kernel, dict(base, HAS_RPB=True)),
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description='Compiler resource report of the fused na2d kernels, no GPU needed.')
+    parser.add_argument('--kernel-size', type=int, default=7, help='Square window size (default: 7).')
+    parser.add_argument('--head-dim', type=int, default=32, help='Head dim of q, k and v (default: 32).')
+    parser.add_argument('--dtype', default='bf16', choices=sorted(_TRITON_DTYPES), help='Element type (default: bf16).')
+    parser.add_argument('--arch', type=int, default=90, help='Compute capability, e.g. 90 for Hopper (default: 90).')
+    parser.add_argument('--num-warps', type=int, default=4, help='Warps per program (default: 4, as launched).')
+    parser.add_argument('--only', nargs='+', default=None, metavar='NAME',
+                        help='Report only the kernels whose names contain one of these words.')
+    args = parser.parse_args(argv)
+    if not 3 <= args.kernel_size <= na2d_triton.MAX_KERNEL_SIZE or args.kernel_size % 2 == 0:
+        parser.error(f'--kernel-size must be odd, 3 to {na2d_triton.MAX_KERNEL_SIZE}')
+    if not 1 <= args.head_dim <= na2d_triton.MAX_HEAD_DIM:
+        parser.error(f'--head-dim must be 1 to {na2d_triton.MAX_HEAD_DIM}')
+
+    target = GPUTarget('cuda', args.arch, 32)
+    arch = f'sm_{args.arch}a' if args.arch == 90 else f'sm_{args.arch}'
+    rows: List[str] = []
+    for name, (fn, constants) in na2d_kernels(args.kernel_size, args.head_dim, args.dtype).items():
+        if args.only and not any(word in name for word in args.only):
+            continue
+        source = triton.compiler.ASTSource(
+            fn=fn, signature=_signature(fn, constants, _TRITON_DTYPES[args.dtype]),
+            constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+        compiled = triton.compile(source, target=target, options=dict(num_warps=args.num_warps))
+        report = ptxas_report(compiled.asm['ptx'], arch)
+        rows.append(f'{name:<28} {report["registers"]:>9} {report["spill_stores"]:>12} {report["spill_loads"]:>11} '
+                    f'{report["stack_frame"]:>11} {compiled.metadata.shared:>13}')
+    print(f'na2d kernels, kernel {args.kernel_size}, head dim {args.head_dim}, {args.dtype}, sm_{args.arch}, '
+          f'{args.num_warps} warps, triton {triton.__version__}')
+    print(f'{"kernel":<28} {"registers":>9} {"spill st. B":>12} {"spill ld. B":>11} {"stack B":>11} '
+          f'{"shared B":>13}')
+    print('\n'.join(rows))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
