@@ -1,5 +1,6 @@
 """What every family file shares: model building with clear pretrained-weight errors, checkpoint
-checks, input checks and intermediate-index selection."""
+checks, input checks, intermediate-index selection and the timm model contract of the stage-based
+families (``StagedBackbone``)."""
 import os
 import pickle
 import zipfile
@@ -7,11 +8,13 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, resolve_pretrained_cfg
+import torch.nn.functional as F
+from timm.layers import ClassifierHead, NormMlpClassifierHead, SelectAdaptivePool2d, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
 
 __all__ = [
-    'CheckpointMismatchError', 'CheckpointReadError', 'PretrainedWeightsNotFoundError', 'build_backbone', 'check_input',
-    'check_state_dict', 'take_indices', 'unwrap_checkpoint',
+    'CheckpointMismatchError', 'CheckpointReadError', 'PretrainedWeightsNotFoundError', 'StagedBackbone',
+    'build_backbone', 'check_input', 'check_state_dict', 'take_indices', 'unwrap_checkpoint',
 ]
 
 
@@ -165,3 +168,153 @@ def build_backbone(
         else:
             reason = f'could not be fetched ({type(e).__name__}: {e})'
         raise PretrainedWeightsNotFoundError(f'{source} {reason}') from e
+
+
+# timm's head modules pool, drop and classify in one module and keep the classifier as ``.fc``
+_TIMM_HEADS = (ClassifierHead, NormMlpClassifierHead)
+
+
+class StagedBackbone(nn.Module):
+    """The timm model contract shared by the stage-based families.
+
+    A subclass is a stem, ``self.stages`` (an ``nn.Sequential`` of stages, each NCHW in and out and
+    each with a ``grad_checkpointing`` flag for the blocks inside it), an optional final norm and a
+    classifier head. Its ``__init__`` builds every module itself, so that module names and
+    state_dict order stay the family's own, and sets ``in_chans`` and ``num_classes``; this class
+    builds nothing. What differs between families a subclass states with these class attributes
+    and hooks:
+
+    * ``family_name``: the family's name in error messages (``'Agent-PVT'``);
+    * ``_stem(x)``: ``self.stem`` here; a family whose stem is ``self.patch_embed``, or which has
+      none, overrides it;
+    * ``has_final_norm`` and ``_final_norm(x)``: a family with a final norm after the last stage
+      keeps it in ``self.norm``, sets ``has_final_norm`` (so that ``prune_norm`` replaces it by the
+      identity) and applies it to the NCHW map in ``_final_norm``, the identity here;
+    * ``_head_features(x)``: the map ``forward_features`` returns and the head pools, here the last
+      stage's output after the final norm;
+    * ``checkpoint_stage_sequence``: whether grad checkpointing also runs ``checkpoint_seq`` over
+      the stage sequence as a whole (under the model's own ``grad_checkpointing`` flag), not only
+      over the blocks inside each stage.
+
+    The head is either one of timm's head modules in ``self.head`` (``ClassifierHead`` or
+    ``NormMlpClassifierHead``: pooling, dropout and the classifier ``.fc`` in one), or
+    ``self.global_pool`` and a bare classifier ``self.head`` on ``num_features`` channels, with
+    dropout at ``self.drop_rate`` between them.
+    """
+
+    family_name: str
+    min_input_size: int
+    has_final_norm: bool = False
+    checkpoint_stage_sequence: bool = False
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """Truncated-normal linear weights (std .02) and zero biases; other layers keep PyTorch's init."""
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if self.checkpoint_stage_sequence:
+            self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc if isinstance(self.head, _TIMM_HEADS) else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if isinstance(self.head, _TIMM_HEADS):
+            self.head.reset(num_classes, global_pool)
+            return
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The image ``(B, in_chans, H, W)`` to the first stage's NCHW input."""
+        return self.stem(x)
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm of the last stage's NCHW output: none here."""
+        return x
+
+    def _head_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's NCHW output to the NCHW map ``forward_features`` returns and the head pools."""
+        return self._final_norm(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (NCHW) for ``indices`` (None: all, int n: last n, list: those), and unless
+        ``intermediates_only`` the final features (the map ``forward_features`` returns) too. ``norm``
+        applies the final norm to the last stage's intermediate when it is taken; without a final
+        norm it has no effect.
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"{self.family_name} intermediates are NCHW, output_fmt {output_fmt!r} is not supported")
+        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        taken, max_index = take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        last = len(self.stages) - 1
+        intermediates = []
+        x = self._stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in taken:
+                intermediates.append(self._final_norm(x) if norm and i == last else x)
+        if intermediates_only:
+            return intermediates
+        return self._head_features(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages after the last index needed, the final norm (where there is one) if
+        ``prune_norm``, and the classifier unless ``prune_head=False``."""
+        taken, max_index = take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm and self.has_final_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return taken
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``(B, in_chans, H, W)`` to the NCHW map the head pools."""
+        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        x = self._stem(x)
+        if self.checkpoint_stage_sequence and self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
+        return self._head_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The NCHW map ``forward_features`` returns to logits, or with ``pre_logits`` to the pooled
+        features the classifier takes."""
+        if isinstance(self.head, _TIMM_HEADS):
+            return self.head(x, pre_logits=pre_logits)
+        x = self.global_pool(x)
+        x = F.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -23,7 +23,7 @@ agent biases stored at another size or agent count.
 """
 import re
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,7 @@ from attnzoo.blocks import AgentBlock
 from attnzoo.blocks.agent import resize_agent_bias
 
 from ._agent_common import agent_cfg
-from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
+from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['AgentPVT']
 
@@ -98,14 +98,17 @@ class AgentPVTStage(nn.Module):
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
-class AgentPVT(nn.Module):
+class AgentPVT(StagedBackbone):
     """Agent-PVT: four stages of agent attention, then mean pooling and a linear classifier.
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: padding is internal); features NCHW at
     strides 4, 8, 16, 32. ``img_size`` is the training resolution, the size position embeddings and
-    agent biases are stored at.
+    agent biases are stored at. Agent-PVT has no final norm, so ``forward_intermediates``' ``norm``
+    is a no-op. ``no_weight_decay()`` is empty: the authors' training decays everything but 1-D
+    parameters and biases.
     """
 
+    family_name = 'Agent-PVT'
     min_input_size = 32
 
     def __init__(
@@ -156,13 +159,6 @@ class AgentPVT(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
@@ -173,76 +169,9 @@ class AgentPVT(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        # the authors' training decays everything but 1-D parameters and biases
-        return set()
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) for ``indices`` (None: all, int n: last n, list: those), and unless
-        ``intermediates_only`` the final features too. Agent-PVT has no final norm, so ``norm`` is a no-op.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"Agent-PVT intermediates are NCHW, output_fmt {output_fmt!r} is not supported")
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        taken, max_index = take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in taken:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last index needed (and the classifier unless ``prune_head=False``)."""
-        taken, max_index = take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return taken
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        # no stem: every stage, the first too, begins with its own patch embedding
+        return x
 
 
 def _remap_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

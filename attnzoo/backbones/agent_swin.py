@@ -25,12 +25,12 @@ sd}``, ``layers.i`` with the merging at the end of a stage, ``relative_position_
 """
 import re
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, PatchEmbed, SelectAdaptivePool2d, to_2tuple, trunc_normal_
+from timm.layers import LayerNorm2d, PatchEmbed, SelectAdaptivePool2d, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
@@ -38,7 +38,7 @@ from attnzoo.blocks import AgentBlock, ShiftedWindowBlock, SwinPatchMerging
 from attnzoo.blocks.agent import resize_agent_bias
 
 from ._agent_common import agent_cfg
-from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
+from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['AgentSwin']
 
@@ -91,7 +91,7 @@ class AgentSwinStage(nn.Module):
         return x.transpose(1, 2).reshape(B, C, H, W)
 
 
-class AgentSwin(nn.Module):
+class AgentSwin(StagedBackbone):
     """Agent-Swin: patch embedding, four stages mixing agent and Swin blocks, LayerNorm, pooling, linear.
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: padding is internal); features NCHW at
@@ -99,7 +99,9 @@ class AgentSwin(nn.Module):
     stored at; ``window_size`` is the Swin blocks' window (the official model's window // 8, at least 7).
     """
 
+    family_name = 'Agent-Swin'
     min_input_size = 32
+    has_final_norm = True
 
     def __init__(
             self,
@@ -159,13 +161,6 @@ class AgentSwin(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
@@ -182,81 +177,12 @@ class AgentSwin(nn.Module):
         # the authors' training skips weight decay on 1-D parameters, biases and the Swin bias tables
         return {n for n, _ in self.named_parameters() if n.endswith('relative_position_bias_table')}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        # the official final norm is an nn.LayerNorm over channels-last tokens
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) for ``indices`` (None: all, int n: last n, list: those), and unless
-        ``intermediates_only`` the final (normed) features too. With ``norm`` the last stage's output
-        is returned after the final norm.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"Agent-Swin intermediates are NCHW, output_fmt {output_fmt!r} is not supported")
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        taken, max_index = take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        last = len(self.stages) - 1
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in taken:
-                intermediates.append(self._final_norm(x) if norm and i == last else x)
-        if intermediates_only:
-            return intermediates
-        return self._final_norm(x), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last index needed (the final norm with ``prune_norm``, the
-        classifier unless ``prune_head=False``)."""
-        taken, max_index = take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return taken
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        x = self.patch_embed(x)
-        return self._final_norm(self.stages(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _remap_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -19,18 +19,18 @@ Module names are ours; the official release files (``{'model': sd}``) are remapp
 runs through ``torchvision.ops.deform_conv2d``, so no compiled extension is needed.
 """
 import re
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, LayerNorm2d, trunc_normal_
+from timm.layers import ClassifierHead, LayerNorm2d
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from attnzoo.blocks import DeformableDownsample, DWConvMlpBlock, HiLoBlock
 
-from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
+from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['LITv2']
 
@@ -93,14 +93,18 @@ class LITv2Stage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class LITv2(nn.Module):
+class LITv2(StagedBackbone):
     """LITv2: patchify stem 4x4 + LN, four stages, then LN -> pool -> linear.
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: padding is internal); features NCHW at
     strides 4, 8, 16, 32. ``window_sizes`` holds each stage's HiLo window, None for MLP-only stages.
     """
 
+    family_name = 'LITv2'
     min_input_size = 32
+    has_final_norm = True
+    # checkpoint the stage sequence too, not only the blocks inside each stage
+    checkpoint_stage_sequence = True
 
     def __init__(
             self,
@@ -153,13 +157,6 @@ class LITv2(nn.Module):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
@@ -171,82 +168,8 @@ class LITv2(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) for ``indices`` (None: all, int n: last n, list: those), and unless
-        ``intermediates_only`` the final, normalised features too. ``norm`` applies the final norm
-        to the last stage's intermediate.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"LITv2 intermediates are NCHW, output_fmt {output_fmt!r} is not supported")
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        taken, max_index = take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        last = len(self.stages) - 1
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in taken:
-                intermediates.append(self.norm(x) if norm and i == last else x)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last index needed (and the final norm and classifier on request)."""
-        taken, max_index = take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return taken
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # Key renames from the official repository (ziplab/LITv2, classification) to ours. The official

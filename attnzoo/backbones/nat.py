@@ -17,18 +17,17 @@ ends at its own feature resolution. ``checkpoint_filter_fn`` loads the official 
 transformers layout of the Hugging Face Hub repositories (``shi-labs/{nat,dinat}-*``).
 """
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, trunc_normal_
+from timm.layers import SelectAdaptivePool2d
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from attnzoo.blocks import ConvNormDownsample, DoubleConvStem, NeighborhoodAttentionBlock
 
-from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
+from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['NAT', 'DINAT_DILATIONS']
 
@@ -100,7 +99,7 @@ class NATStage(nn.Module):
         return x.permute(0, 3, 1, 2)
 
 
-class NAT(nn.Module):
+class NAT(StagedBackbone):
     """NAT / DiNAT: conv stem at stride 4, four stages of (dilated) neighborhood attention, final
     LayerNorm, then pool -> linear.
 
@@ -108,7 +107,9 @@ class NAT(nn.Module):
     features NCHW at strides 4, 8, 16, 32, widths ``embed_dim * 2 ** i``.
     """
 
+    family_name = 'NAT'
     min_input_size = 32
+    has_final_norm = True
 
     def __init__(
             self,
@@ -166,15 +167,8 @@ class NAT(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
         # the official init: truncated normal linears with zero bias, convs and norms as PyTorch makes them
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        self.apply(self._init_weights)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -192,81 +186,12 @@ class NAT(nn.Module):
         # the official training excludes the relative position biases from weight decay
         return {name for name, _ in self.named_parameters() if name.endswith('.rpb')}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         # the official LayerNorm runs channels-last; the stages hand over NCHW views of channels-last data
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) for ``indices`` (None: all, int n: last n, list: those), and unless
-        ``intermediates_only`` the final, normed features too. ``norm`` applies the final norm to
-        the last stage's intermediate when it is taken.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"NAT intermediates are NCHW, output_fmt {output_fmt!r} is not supported")
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        taken, max_index = take_indices(len(self.stages), indices)
-        last = len(self.stages) - 1
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in taken:
-                intermediates.append(self._final_norm(x) if norm and i == last else x)
-        if intermediates_only:
-            return intermediates
-        return self._final_norm(x), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last index needed, the final norm if ``prune_norm``, and the
-        classifier unless ``prune_head=False``."""
-        taken, max_index = take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return taken
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        return self._final_norm(self.stages(self.patch_embed(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _split_qkv(state_dict: Dict[str, torch.Tensor], out: Dict[str, torch.Tensor], prefix: str) -> None:

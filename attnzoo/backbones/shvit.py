@@ -11,18 +11,17 @@ they are; the official release files (``{'model': sd}``, stages as ``blocks1..3`
 ``checkpoint_filter_fn``.
 """
 import re
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from attnzoo.blocks import ConvFFN, ConvNorm, ConvNormStem, NormLinear, PatchMerging, Residual, SingleHeadBlock
 
-from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
+from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['SHViT']
 
@@ -56,9 +55,12 @@ class SHViTStage(nn.Module):
         return self.blocks(x)
 
 
-class SHViT(nn.Module):
-    """SHViT. Input ``(B, in_chans, H, W)`` with H, W >= 64; features NCHW at strides 16, 32, 64."""
+class SHViT(StagedBackbone):
+    """SHViT. Input ``(B, in_chans, H, W)`` with H, W >= 64; features NCHW at strides 16, 32, 64.
+    SHViT has no final norm, so ``forward_intermediates``' ``norm`` is a no-op.
+    """
 
+    family_name = 'SHViT'
     min_input_size = 64
 
     def __init__(
@@ -106,15 +108,6 @@ class SHViT(nn.Module):
         )
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.l if isinstance(self.head, NormLinear) else self.head
 
@@ -122,56 +115,8 @@ class SHViT(nn.Module):
         self.num_classes = num_classes
         self._make_head(num_classes, global_pool)
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) for ``indices`` (None: all, int n: last n, list: those), and unless
-        ``intermediates_only`` the final features too. SHViT has no final norm, so ``norm`` is a no-op.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"SHViT intermediates are NCHW, output_fmt {output_fmt!r} is not supported")
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        taken, max_index = take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in taken:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        taken, max_index = take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return taken
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        return self.stages(self.patch_embed(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
     @torch.no_grad()
     def fuse(self) -> 'SHViT':

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d, trunc_normal_
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
@@ -27,8 +26,8 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from attnzoo.blocks import SuperTokenBlock
 
 from ._helpers import (
+    StagedBackbone,
     build_backbone,
-    check_input,
     check_state_dict,
     take_indices,
     unwrap_checkpoint,
@@ -87,12 +86,15 @@ class STViTStage(nn.Module):
         return self.blocks(x)
 
 
-class STViT(nn.Module):
+class STViT(StagedBackbone):
     """STViT. Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: padding is internal);
     stage features NCHW at strides 4, 8, 16, 32; ``forward_features`` returns the 1024-channel
-    projected map (1x1 conv, BN, swish) that the head pools.
+    projected map (1x1 conv, BN, swish) that the head pools, and ``forward_intermediates`` returns it
+    as the final features. ``forward_intermediates``' ``norm`` has no effect: the head's norm follows
+    its projection and never applies to a stage.
     """
 
+    family_name = 'STViT'
     min_input_size = 32
 
     def __init__(
@@ -170,53 +172,12 @@ class STViT(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
         self.num_classes = num_classes
         self._make_head(num_classes, global_pool)
 
     def _head_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.proj(x)))
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) for ``indices`` (None: all, int n: last n, list: those), and unless
-        ``intermediates_only`` the final features (the projected map ``forward_features`` returns).
-        ``norm`` has no effect: the head's norm follows its projection and never applies to a stage.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"STViT intermediates are NCHW, output_fmt {output_fmt!r} is not supported")
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        taken, max_index = take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in taken:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return self._head_features(x), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -228,25 +189,10 @@ class STViT(nn.Module):
         and the head's projection, norm and swish when ``prune_norm`` or when the last stage (whose
         width the projection takes) is gone.
         """
-        taken, max_index = take_indices(len(self.stages), indices)
+        _, max_index = take_indices(len(self.stages), indices)
         if prune_norm or max_index < len(self.stages) - 1:
             self.proj, self.norm, self.act = nn.Identity(), nn.Identity(), nn.Identity()
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return taken
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        return self._head_features(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return super().prune_intermediate_layers(indices, prune_norm, prune_head)
 
 
 # Renames from the official keys (hhb072/STViT models/stvit.py) to ours, applied in order.

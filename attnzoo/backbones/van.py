@@ -15,7 +15,7 @@ files (``{'state_dict': sd}``, ``patch_embed1``/``block1``/``norm1`` keys) and t
 layout (``Visual-Attention-Network/van-*`` on the Hub, ``van.encoder.stages.*`` keys).
 """
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from attnzoo.blocks import LKABlock, PatchStem
 
-from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
+from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['VAN']
 
@@ -64,13 +64,15 @@ class VanStage(nn.Module):
         return self.norm(x)
 
 
-class VAN(nn.Module):
+class VAN(StagedBackbone):
     """VAN: stem conv 7x7/4 + BN, four stages of LKA blocks, then average pool -> linear.
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size); features NCHW at strides 4, 8, 16, 32,
-    each after its stage's LayerNorm.
+    each after its stage's LayerNorm. ``forward_intermediates``' ``norm`` has no effect: every stage
+    ends in its own norm and there is no other.
     """
 
+    family_name = 'VAN'
     min_input_size = 32
 
     def __init__(
@@ -139,74 +141,6 @@ class VAN(nn.Module):
                 (r'^stages\.(\d+)\.norm', (99999,)),
             ],
         )
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW, after each stage's LayerNorm) for ``indices`` (None: all, int n: last n,
-        list: those), and unless ``intermediates_only`` the final features too. ``norm`` has no effect:
-        every stage ends in its own norm and there is no other.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"VAN intermediates are NCHW, output_fmt {output_fmt!r} is not supported")
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        taken, max_index = take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in taken:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages after the last index needed (and the classifier unless ``prune_head=False``)."""
-        taken, max_index = take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return taken
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _stage_minus_one(what: str) -> Callable[[re.Match], str]:
