@@ -502,7 +502,8 @@ def fused_unsupported_reason(
 ) -> Optional[str]:
     """None when the fused path takes these (already validated) inputs, else why not."""
     if q.device.type != 'cuda' and not (allow_cpu and _interpreting() and q.device.type == 'cpu'):
-        return f'the Triton kernel runs on CUDA tensors, got {q.device.type} (TRITON_INTERPRET=1 runs it on the CPU)'
+        return (f'the Triton kernel runs on CUDA tensors, got {q.device.type} (on the CPU only in Triton\'s '
+                f'interpreter: TRITON_INTERPRET=1 and ATTNZOO_KERNELS=triton)')
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f'q, k, v must share one of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}'
     if rpb is not None and (rpb.dtype not in _DTYPES or rpb.device != q.device):
