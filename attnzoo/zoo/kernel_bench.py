@@ -134,7 +134,7 @@ def _sdpa_method(q, k, v, rpb, case: NACase) -> Callable:
 
 
 def _natten_method(q, k, v, rpb, case: NACase) -> Callable:
-    from natten.functional import na2d as natten_na2d  # noqa: F401  (optional peer)
+    from natten.functional import na2d as natten_na2d  # an optional peer: ImportError becomes the row's error
 
     def run(q, k, v):
         return natten_na2d(q, k, v, kernel_size=case.kernel_size, dilation=case.dilation)
