@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
@@ -31,7 +32,7 @@ except ImportError:
 _POINTER_ARGS = {'Q', 'K', 'V', 'OUT', 'DO', 'DQ', 'DK', 'DV'}
 _FLOAT32_POINTER_ARGS = {'RPB', 'LSE', 'DELTA', 'DRPB'}
 _FLOAT_ARGS = {'qk_scale', 'scale'}
-_TRITON_DTYPES = {'bf16': 'bf16', 'fp16': 'fp16', 'fp32': 'fp32'}
+_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
 
 
 def _signature(fn: triton.JITFunction, constants: Dict[str, object], dtype: str) -> Dict[str, str]:
@@ -67,20 +68,17 @@ def ptxas_report(ptx: str, arch: str) -> Dict[str, int]:
                 spill_loads=number(r'(\d+) bytes spill loads'), stack_frame=number(r'(\d+) bytes stack frame'))
 
 
-def na2d_kernels(kernel_size: int, head_dim: int, dtype: str) -> Dict[str, tuple]:
-    """Each na2d kernel variant a training step runs: (jitted function, its compile-time constants)."""
-    tile = na2d_triton._tile(kernel_size)
-    block = max(16, triton.next_power_of_2(head_dim))
-    bias_block = max(16, triton.next_power_of_2(2 * kernel_size - 1))
-    base = dict(HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_D=block, BLOCK_DV=block, KH=kernel_size, KW=kernel_size,
-                TH=tile, TW=tile, CH=max(2, 16 // tile), HW=na2d_triton._halo(kernel_size),
-                PRECISION='ieee' if dtype == 'fp32' else 'tf32', UPCAST=False)
+def na2d_kernels(kernel_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, tuple]:
+    """Each na2d kernel variant a training step runs: (jitted function, the constants it is launched with)."""
+    q = torch.empty(1, 4 * kernel_size, 4 * kernel_size, 1, head_dim, dtype=dtype, device='meta')
+    launch = na2d_triton._Launch(q, q, kernel_size, kernel_size, 1, 1)
+    bi, bj = launch.bias_block
     return {
-        'forward, rpb': (na2d_triton._na2d_fwd_kernel, dict(base, HAS_RPB=True)),
-        'forward, no rpb': (na2d_triton._na2d_fwd_kernel, dict(base, HAS_RPB=False)),
+        'forward, rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=True)),
+        'forward, no rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=False)),
         'backward dq, rpb + d(rpb)': (na2d_triton._na2d_bwd_dq_kernel,
-                                      dict(base, HAS_RPB=True, RPB_GRAD=True, BI=bias_block, BJ=bias_block)),
-        'backward dk/dv, rpb': (na2d_triton._na2d_bwd_dkdv_kernel, dict(base, HAS_RPB=True)),
+                                      dict(launch.meta, HAS_RPB=True, RPB_GRAD=True, BI=bi, BJ=bj)),
+        'backward dk/dv, rpb': (na2d_triton._na2d_bwd_dkdv_kernel, dict(launch.meta, HAS_RPB=True)),
     }
 
 
@@ -88,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description='Compiler resource report of the fused na2d kernels, no GPU needed.')
     parser.add_argument('--kernel-size', type=int, default=7, help='Square window size (default: 7).')
     parser.add_argument('--head-dim', type=int, default=32, help='Head dim of q, k and v (default: 32).')
-    parser.add_argument('--dtype', default='bf16', choices=sorted(_TRITON_DTYPES), help='Element type (default: bf16).')
+    parser.add_argument('--dtype', default='bf16', choices=sorted(_DTYPES), help='Element type (default: bf16).')
     parser.add_argument('--arch', type=int, default=90, help='Compute capability, e.g. 90 for Hopper (default: 90).')
     parser.add_argument('--num-warps', type=int, default=4, help='Warps per program (default: 4, as launched).')
     parser.add_argument('--only', nargs='+', default=None, metavar='NAME',
@@ -102,11 +100,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     target = GPUTarget('cuda', args.arch, 32)
     arch = f'sm_{args.arch}a' if args.arch == 90 else f'sm_{args.arch}'
     rows: List[str] = []
-    for name, (fn, constants) in na2d_kernels(args.kernel_size, args.head_dim, args.dtype).items():
+    for name, (fn, constants) in na2d_kernels(args.kernel_size, args.head_dim, _DTYPES[args.dtype]).items():
         if args.only and not any(word in name for word in args.only):
             continue
         source = triton.compiler.ASTSource(
-            fn=fn, signature=_signature(fn, constants, _TRITON_DTYPES[args.dtype]),
+            fn=fn, signature=_signature(fn, constants, args.dtype),
             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
         compiled = triton.compile(source, target=target, options=dict(num_warps=args.num_warps))
         report = ptxas_report(compiled.asm['ptx'], arch)

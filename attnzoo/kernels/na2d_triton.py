@@ -354,23 +354,24 @@ class _Launch:
 
     def __init__(self, q: torch.Tensor, v: torch.Tensor, kh: int, kw: int, dh: int, dw: int):
         B, H, W, heads, head_dim = q.shape
-        self.H, self.W, self.heads = H, W, heads
-        self.th, self.tw = _tile(kh), _tile(kw)
-        self.nt_r = triton.cdiv(triton.cdiv(H, dh), self.th)
-        self.nt_c = triton.cdiv(triton.cdiv(W, dw), self.tw)
-        self.grid = (self.nt_r * self.nt_c * dh * dw, B * heads)
-        self.dims = (H, W, heads, dh, dw, self.nt_r, self.nt_c)
+        th, tw = _tile(kh), _tile(kw)
+        nt_r = triton.cdiv(triton.cdiv(H, dh), th)
+        nt_c = triton.cdiv(triton.cdiv(W, dw), tw)
+        self.grid = (nt_r * nt_c * dh * dw, B * heads)
+        self.dims = (H, W, heads, dh, dw, nt_r, nt_c)
+        # each program's d(rpb) partial: the bias table padded to the one-hot products' least size
+        self.bias_block = (max(16, triton.next_power_of_2(2 * kh - 1)), max(16, triton.next_power_of_2(2 * kw - 1)))
         self.meta = dict(
             HEAD_DIM=head_dim, V_DIM=v.shape[-1],
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
-            KH=kh, KW=kw, TH=self.th, TW=self.tw, HW=_halo(kw),
+            KH=kh, KW=kw, TH=th, TW=tw, HW=_halo(kw),
+            # halo rows per step: rows of up to 16 keys, enough that the one-hot products of d(rpb)
+            # have an inner size of 16 (tl.dot's least) and the score tile stays at 64 x 32
+            CH=max(2, 16 // th),
             # float32 inputs get exact float32 products; tf32 would cost three decimal digits
             PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',
             UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
         )
-        # halo rows per step: rows of up to 16 keys, enough that the one-hot products of d(rpb)
-        # have an inner size of 16 (tl.dot's least) and the score tile stays at 64 x 32
-        self.ch = max(2, 16 // self.th)
         self.num_warps = 4
 
 
@@ -383,7 +384,7 @@ def _forward(q, k, v, rpb, kh, kw, dh, dw, scale):
         q, k, v, rpb if rpb is not None else q, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *launch.dims, scale * _LOG2E,
-        CH=launch.ch, HAS_RPB=rpb is not None, num_warps=launch.num_warps, **launch.meta)
+        HAS_RPB=rpb is not None, num_warps=launch.num_warps, **launch.meta)
     return out, lse
 
 
@@ -393,20 +394,20 @@ def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad)
     grad_out = _last_dim_dense(grad_out)
     dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     delta = _empty(lse.shape, lse.dtype, lse.device)
-    bi, bj = max(16, triton.next_power_of_2(2 * kh - 1)), max(16, triton.next_power_of_2(2 * kw - 1))
+    bi, bj = launch.bias_block
     partial = _empty((B * heads * launch.grid[0], bi, bj) if rpb_grad else (1,), torch.float32, q.device)
     rpb_arg = rpb if rpb is not None else q
     _na2d_bwd_dq_kernel[launch.grid](
         q, k, v, rpb_arg, out, grad_out, lse, delta, dq, partial,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         *launch.dims, scale * _LOG2E, scale,
-        CH=launch.ch, BI=bi, BJ=bj, HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad,
+        BI=bi, BJ=bj, HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad,
         num_warps=launch.num_warps, **launch.meta)
     _na2d_bwd_dkdv_kernel[launch.grid](
         q, k, v, rpb_arg, grad_out, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *launch.dims, scale * _LOG2E, scale,
-        CH=launch.ch, HAS_RPB=rpb is not None, num_warps=launch.num_warps, **launch.meta)
+        HAS_RPB=rpb is not None, num_warps=launch.num_warps, **launch.meta)
     if rpb_grad:
         drpb = partial.view(B, heads, launch.grid[0], bi, bj).sum((0, 2))[:, :2 * kh - 1, :2 * kw - 1]
         drpb = drpb.to(rpb.dtype)
