@@ -6,7 +6,7 @@ import torch
 
 from .dispatch import kernel_mode, kernel_op
 
-__all__ = ['na2d']
+__all__ = ['na2d', 'axis_windows']
 
 
 def _pair(value: Union[int, Tuple[int, int]], name: str) -> Tuple[int, int]:
@@ -16,6 +16,22 @@ def _pair(value: Union[int, Tuple[int, int]], name: str) -> Tuple[int, int]:
     return pair
 
 
+def axis_windows(
+        length: int,
+        kernel_size: int,
+        dilation: int,
+        device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Along one axis of ``length`` positions, each position's dilation group, its step within the
+    group and the group step where its window starts, each ``(length,)``: the whole neighbourhood rule.
+    """
+    pos = torch.arange(length, device=device)
+    group, step = pos % dilation, pos // dilation
+    group_len = (length - group + dilation - 1) // dilation
+    start = torch.minimum((step - kernel_size // 2).clamp(min=0), group_len - kernel_size)
+    return group, step, start
+
+
 @functools.lru_cache(maxsize=256)
 def _build_axis_neighbours(
         length: int,
@@ -23,10 +39,7 @@ def _build_axis_neighbours(
         dilation: int,
         device: torch.device,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    pos = torch.arange(length, device=device)
-    group, step = pos % dilation, pos // dilation
-    group_len = (length - group + dilation - 1) // dilation
-    start = torch.minimum((step - kernel_size // 2).clamp(min=0), group_len - kernel_size)
+    group, step, start = axis_windows(length, kernel_size, dilation, device)
     window = start[:, None] + torch.arange(kernel_size, device=device)  # group steps of the keys
     return group[:, None] + window * dilation, window - step[:, None] + kernel_size - 1
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from attnzoo.kernels import na2d
+from attnzoo.kernels.na2d import axis_windows
 
 __all__ = ['NACase', 'parse_case', 'default_cases', 'METHODS', 'run_case', 'best_peer_ratio']
 
@@ -87,21 +88,12 @@ def default_cases() -> List[NACase]:
     return cases
 
 
-def _na_mask_tables(length: int, kernel_size: int, dilation: int, device: torch.device):
-    """Per position along one axis: its dilation group, its step in the group and its window start."""
-    pos = torch.arange(length, device=device)
-    group, step = pos % dilation, pos // dilation
-    group_len = (length - group + dilation - 1) // dilation
-    start = torch.minimum((step - kernel_size // 2).clamp(min=0), group_len - kernel_size)
-    return group, step, start
-
-
 def _flex_method(q, k, v, rpb, case: NACase) -> Callable:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     H, W, ks = case.height, case.width, case.kernel_size
-    g_r, s_r, ws_r = _na_mask_tables(H, ks, case.dilation, q.device)
-    g_c, s_c, ws_c = _na_mask_tables(W, ks, case.dilation, q.device)
+    g_r, s_r, ws_r = axis_windows(H, ks, case.dilation, q.device)
+    g_c, s_c, ws_c = axis_windows(W, ks, case.dilation, q.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         qi, qj, ki, kj = q_idx // W, q_idx % W, kv_idx // W, kv_idx % W
