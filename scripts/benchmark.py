@@ -444,6 +444,20 @@ def collect_metadata(args: argparse.Namespace, argv: Sequence[str], device: torc
     )
 
 
+def _json_default(value: Any) -> Any:
+    # the parsed --cases sit in the metadata's args: written as their names
+    if isinstance(value, kernel_bench.NACase):
+        return value.name
+    raise TypeError(f'{type(value).__name__} is not JSON serializable')
+
+
+def write_results(path: str, meta: Dict[str, Any], rows: Sequence[Dict[str, Any]]) -> None:
+    """The run's metadata and every row as one JSON file, its folder created if need be."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(dict(meta=meta, results=list(rows)), f, indent=2, default=_json_default)
+
+
 def _log(message: str) -> None:
     # tqdm.write keeps the message from tearing through the progress bar.
     if tqdm is not None:
@@ -481,9 +495,7 @@ def run_models(args: argparse.Namespace, argv: Sequence[str]) -> int:
           f'infer / {args.train_batch_size} train, warmup {args.warmup}, iters {args.iters} (median)')
     print(format_table(rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, 'w') as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=2)
+        write_results(args.json, meta, rows)
     return int(any(row['error'] for row in rows))
 
 
@@ -526,9 +538,7 @@ def run_kernels(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print('attnzoo time / best exact peer (flex, natten): ' + '; '.join(
         f'{name}: {"-" if f is None else f"{f:.3f}"} / {"-" if b is None else f"{b:.3f}"}' for name, f, b in ratios))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, 'w') as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=2, default=lambda o: o.name)  # NACase in args
+        write_results(args.json, meta, rows)
     return int(any(row['error'] for row in rows if row['method'] == 'attnzoo'))
 
 
