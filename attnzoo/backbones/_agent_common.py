@@ -1,9 +1,16 @@
-"""What the three Agent Attention family files share: their pretrained configuration."""
-from typing import Any, Dict
+"""What the three Agent Attention family files share: their pretrained configuration, and fitting
+checkpoints stored at another training size or agent count to the model."""
+import math
+from typing import Any, Callable, Dict, Mapping, Tuple
 
+import torch
+import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed
 
-__all__ = ['agent_cfg']
+from attnzoo.blocks.agent import resize_agent_bias
+
+__all__ = ['agent_cfg', 'resize_pos_embed', 'resize_to_model']
 
 _TSINGHUA = 'https://cloud.tsinghua.edu.cn/f/{}/?dl=1'
 
@@ -33,3 +40,34 @@ def agent_cfg(file_id: str, file_name: str, model_name: str, **kwargs) -> Dict[s
         ),
         **kwargs,
     }
+
+
+def resize_pos_embed(value: torch.Tensor, shape: Tuple[int, ...], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """A stored ``(1, P + h*h, C)`` position embedding resized to ``shape`` (``P`` prefix tokens kept,
+    the grid square too), bilinearly and without antialiasing: the interpolation the models apply in
+    their forward pass at other sizes, so a checkpoint resized once gives the same outputs."""
+    old, new = (math.isqrt(n - num_prefix_tokens) for n in (value.shape[1], shape[1]))
+    if old * old + num_prefix_tokens != value.shape[1] or new * new + num_prefix_tokens != shape[1]:
+        raise ValueError(f'cannot resize a position embedding of shape {tuple(value.shape)} to {tuple(shape)}')
+    return resample_abs_pos_embed(
+        value, [new, new], [old, old], num_prefix_tokens=num_prefix_tokens, interpolation='bilinear', antialias=False)
+
+
+def resize_to_model(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        resizers: Mapping[str, Callable[[torch.Tensor, Tuple[int, ...]], torch.Tensor]],
+) -> Dict[str, torch.Tensor]:
+    """Resize, in place, every tensor whose shape differs from the model's: agent attention biases,
+    and the family's other grids by parameter name (a key's last part) through ``resizers``. Anything
+    else that differs is left for ``check_state_dict`` to name."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    for k, v in state_dict.items():
+        if k not in expected or tuple(v.shape) == tuple(expected[k]):
+            continue
+        name = k.rsplit('.', 1)[-1]
+        if name in resizers:
+            state_dict[k] = resizers[name](v, tuple(expected[k]))
+        elif name.endswith('_bias') and '.attn.' in k:
+            state_dict[k] = resize_agent_bias(k, v, tuple(expected[k]))
+    return state_dict

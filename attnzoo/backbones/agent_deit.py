@@ -26,14 +26,14 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
+from timm.layers import PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo.blocks import AgentBlock
-from attnzoo.blocks.agent import SelfAttentionBlock, resize_agent_bias
+from attnzoo.blocks.agent import SelfAttentionBlock
 
-from ._agent_common import agent_cfg
+from ._agent_common import agent_cfg, resize_pos_embed, resize_to_model
 from ._helpers import build_backbone, check_input, check_state_dict, take_indices, unwrap_checkpoint
 
 __all__ = ['AgentDeiT']
@@ -153,11 +153,9 @@ class AgentDeiT(nn.Module):
     def _pos_embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """NHWC patch embeddings to tokens with the class token and position embedding added."""
         B, H, W, C = x.shape
-        pos = self.pos_embed
-        if (H, W) != self.grid_size:
-            grid = pos[:, 1:].reshape(1, *self.grid_size, C).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, size=(H, W), mode='bilinear', align_corners=False)
-            pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        # the grid part resized bilinearly to the map at hand, the class token's entry kept
+        pos = resample_abs_pos_embed(self.pos_embed, [H, W], list(self.grid_size), num_prefix_tokens=1,
+                                     interpolation='bilinear', antialias=False)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, H * W, C)], dim=1)
         return self.pos_drop(x + pos), (H, W)
 
@@ -231,18 +229,6 @@ class AgentDeiT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _resize_pos_embed(value: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """A ``(1, 1 + h*w, C)`` position embedding on a square grid resized bilinearly to ``shape``."""
-    old, new = int((value.shape[1] - 1) ** 0.5), int((shape[1] - 1) ** 0.5)
-    if old * old + 1 != value.shape[1] or new * new + 1 != shape[1]:
-        raise ValueError(f'cannot resize a position embedding of shape {tuple(value.shape)} to {tuple(shape)}')
-    grid = value[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    # half-precision checkpoints are resized in float32
-    grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)), size=(new, new), mode='bilinear',
-                         align_corners=False)
-    return torch.cat([value[:, :1], grid.flatten(2).transpose(1, 2).to(value.dtype)], dim=1)
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: AgentDeiT) -> Dict[str, torch.Tensor]:
     """Check an Agent-DeiT checkpoint (official layout, which is ours, bare or under 'model').
 
@@ -250,14 +236,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: AgentDeiT) -> Dict[s
     model's are resized bilinearly.
     """
     state_dict = unwrap_checkpoint(state_dict)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for k, v in state_dict.items():
-        if k not in expected or tuple(v.shape) == tuple(expected[k]):
-            continue
-        if k == 'pos_embed':
-            state_dict[k] = _resize_pos_embed(v, expected[k])
-        elif k.endswith('_bias') and '.attn.' in k:
-            state_dict[k] = resize_agent_bias(k, v, expected[k])
+    resize_to_model(state_dict, model, {'pos_embed': partial(resize_pos_embed, num_prefix_tokens=1)})
     check_state_dict(
         state_dict, model, 'Agent-DeiT checkpoint', ignore_shape={'patch_embed.proj.weight'},
         ignore_prefixes=('head.',))

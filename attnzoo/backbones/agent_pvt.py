@@ -27,15 +27,13 @@ from typing import Any, Dict, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.layers import PatchEmbed, SelectAdaptivePool2d, to_2tuple, trunc_normal_
+from timm.layers import PatchEmbed, SelectAdaptivePool2d, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo.blocks import AgentBlock
-from attnzoo.blocks.agent import resize_agent_bias
 
-from ._agent_common import agent_cfg
+from ._agent_common import agent_cfg, resize_pos_embed, resize_to_model
 from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['AgentPVT']
@@ -80,11 +78,9 @@ class AgentPVTStage(nn.Module):
             for i in range(depth)])
 
     def _pos_embed(self, H: int, W: int) -> torch.Tensor:
-        if (H, W) == self.grid_size:
-            return self.pos_embed
-        grid = self.pos_embed.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(H, W), mode='bilinear', align_corners=False)
-        return grid.flatten(2).transpose(1, 2)
+        # resized bilinearly to the map at hand, as the official dense code does
+        return resample_abs_pos_embed(self.pos_embed, [H, W], list(self.grid_size), num_prefix_tokens=0,
+                                      interpolation='bilinear', antialias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -189,18 +185,6 @@ def _remap_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return out
 
 
-def _resize_pos_embed(value: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
-    """A square ``(1, h*w, C)`` position embedding resized bilinearly to ``shape`` (a square grid too)."""
-    old, new = int(value.shape[1] ** 0.5), int(shape[1] ** 0.5)
-    if old * old != value.shape[1] or new * new != shape[1]:
-        raise ValueError(f'cannot resize a position embedding of shape {tuple(value.shape)} to {tuple(shape)}')
-    grid = value.reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    # half-precision checkpoints are resized in float32
-    grid = F.interpolate(grid.to(torch.promote_types(grid.dtype, torch.float32)), size=(new, new), mode='bilinear',
-                         align_corners=False)
-    return grid.flatten(2).transpose(1, 2).to(value.dtype)
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: AgentPVT) -> Dict[str, torch.Tensor]:
     """Bring an Agent-PVT checkpoint (official layout or ours) to ours and check that it fits.
 
@@ -210,14 +194,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: AgentPVT) -> Dict[st
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith('patch_embed1.') for k in state_dict):
         state_dict = _remap_official(state_dict)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for k, v in state_dict.items():
-        if k not in expected or tuple(v.shape) == tuple(expected[k]):
-            continue
-        if k.endswith('.pos_embed'):
-            state_dict[k] = _resize_pos_embed(v, expected[k])
-        elif k.endswith('_bias') and '.attn.' in k:
-            state_dict[k] = resize_agent_bias(k, v, expected[k])
+    resize_to_model(state_dict, model, {'pos_embed': resize_pos_embed})
     check_state_dict(
         state_dict, model, 'Agent-PVT checkpoint', ignore_shape={'stages.0.patch_embed.proj.weight'},
         ignore_prefixes=('head.',))

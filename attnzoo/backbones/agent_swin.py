@@ -35,9 +35,8 @@ from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
 from attnzoo.blocks import AgentBlock, ShiftedWindowBlock, SwinPatchMerging
-from attnzoo.blocks.agent import resize_agent_bias
 
-from ._agent_common import agent_cfg
+from ._agent_common import agent_cfg, resize_to_model
 from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['AgentSwin']
@@ -222,14 +221,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: AgentSwin) -> Dict[s
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith('layers.') for k in state_dict):
         state_dict = _remap_official(state_dict)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    for k, v in state_dict.items():
-        if k not in expected or tuple(v.shape) == tuple(expected[k]):
-            continue
-        if k.endswith('.relative_position_bias_table'):
-            state_dict[k] = _resize_bias_table(v, expected[k])
-        elif k.endswith('_bias') and '.attn.' in k:
-            state_dict[k] = resize_agent_bias(k, v, expected[k])
+    resize_to_model(state_dict, model, {'relative_position_bias_table': _resize_bias_table})
     check_state_dict(
         state_dict, model, 'Agent-Swin checkpoint', ignore_shape={'patch_embed.proj.weight'},
         ignore_prefixes=('head.',))
