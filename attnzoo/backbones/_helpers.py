@@ -13,7 +13,8 @@ from timm.layers import ClassifierHead, NormMlpClassifierHead, SelectAdaptivePoo
 from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
 
 __all__ = [
-    'CheckpointMismatchError', 'CheckpointReadError', 'PretrainedWeightsNotFoundError', 'StagedBackbone',
+    'ChannelsLastStage', 'CheckpointMismatchError', 'CheckpointReadError', 'PretrainedWeightsNotFoundError',
+    'StagedBackbone',
     'build_backbone', 'check_input', 'check_state_dict', 'take_indices', 'unwrap_checkpoint',
 ]
 
@@ -168,6 +169,20 @@ def build_backbone(
         else:
             reason = f'could not be fetched ({type(e).__name__}: {e})'
         raise PretrainedWeightsNotFoundError(f'{source} {reason}') from e
+
+
+class ChannelsLastStage(nn.Module):
+    """A stage whose blocks run channels-last: ``self.downsample`` on the NCHW map, ``self.blocks`` on
+    ``(B, H, W, C)`` tokens, and an NCHW view of their result handed on. Subclasses build both
+    modules and the ``grad_checkpointing`` flag."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x).permute(0, 2, 3, 1)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x.permute(0, 3, 1, 2)
 
 
 # timm's head modules pool, drop and classify in one module and keep the classifier as ``.fc``

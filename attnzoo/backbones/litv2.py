@@ -26,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, LayerNorm2d
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from attnzoo.blocks import DeformableDownsample, DWConvMlpBlock, HiLoBlock
 
-from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
+from ._helpers import ChannelsLastStage, StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['LITv2']
 
@@ -52,7 +52,7 @@ class PatchifyStem(nn.Module):
         return self.norm(self.conv(x))
 
 
-class LITv2Stage(nn.Module):
+class LITv2Stage(ChannelsLastStage):
     """Optional deformable downsampling, then ``depth`` blocks, with HiLo attention when
     ``window_size`` is set, MLP-only otherwise. NCHW in and out; the blocks run channels-last.
     """
@@ -83,14 +83,6 @@ class LITv2Stage(nn.Module):
                     out_chs, num_heads, window_size=window_size, alpha=alpha, qkv_bias=qkv_bias,
                     mlp_ratio=mlp_ratio, drop_path=dpr))
         self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x).permute(0, 2, 3, 1)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x.permute(0, 3, 1, 2)
 
 
 class LITv2(StagedBackbone):

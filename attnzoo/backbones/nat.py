@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import SelectAdaptivePool2d
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
 from attnzoo.blocks import ConvNormDownsample, DoubleConvStem, NeighborhoodAttentionBlock
 
-from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
+from ._helpers import ChannelsLastStage, StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['NAT', 'DINAT_DILATIONS']
 
@@ -55,7 +55,7 @@ DINAT_DILATIONS: Dict[str, Dict[str, Tuple[Tuple[int, ...], ...]]] = {
 }
 
 
-class NATStage(nn.Module):
+class NATStage(ChannelsLastStage):
     """Optional conv downsampling, then ``depth`` neighborhood attention blocks. NCHW in and out
     (the blocks run channels-last; the output is an NCHW view of their channels-last result).
     """
@@ -89,14 +89,6 @@ class NATStage(nn.Module):
                 layer_scale=layer_scale,
             )
             for i in range(depth)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x).permute(0, 2, 3, 1)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x.permute(0, 3, 1, 2)
 
 
 class NAT(StagedBackbone):
