@@ -69,16 +69,19 @@ def ptxas_report(ptx: str, arch: str) -> Dict[str, int]:
 
 
 def na2d_kernels(kernel_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, tuple]:
-    """Each na2d kernel variant a training step runs: (jitted function, the constants it is launched with)."""
-    q = torch.empty(1, 4 * kernel_size, 4 * kernel_size, 1, head_dim, dtype=dtype, device='meta')
-    launch = na2d_triton._Launch(q, q, kernel_size, kernel_size, 1, 1)
+    """Each na2d kernel variant a training step runs: (jitted function, the constants it is launched
+    with, its pipelining depth: None for Triton's default)."""
+    shape = (1, 4 * kernel_size, 4 * kernel_size, 1, head_dim)
+    launch = na2d_triton._Launch(shape, head_dim, dtype, kernel_size, kernel_size, 1, 1, interpreting=False)
     bi, bj = launch.bias_block
     return {
-        'forward, rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=True)),
-        'forward, no rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=False)),
+        'forward, rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=True), None),
+        'forward, no rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=False), None),
         'backward dq, rpb + d(rpb)': (na2d_triton._na2d_bwd_dq_kernel,
-                                      dict(launch.meta, HAS_RPB=True, RPB_GRAD=True, BI=bi, BJ=bj)),
-        'backward dk/dv, rpb': (na2d_triton._na2d_bwd_dkdv_kernel, dict(launch.meta, HAS_RPB=True)),
+                                      dict(launch.bwd_meta, HAS_RPB=True, RPB_GRAD=True, BI=bi, BJ=bj),
+                                      launch.bwd_stages),
+        'backward dk/dv, rpb': (na2d_triton._na2d_bwd_dkdv_kernel, dict(launch.bwd_meta, HAS_RPB=True),
+                                launch.bwd_stages),
     }
 
 
@@ -100,13 +103,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     target = GPUTarget('cuda', args.arch, 32)
     arch = f'sm_{args.arch}a' if args.arch == 90 else f'sm_{args.arch}'
     rows: List[str] = []
-    for name, (fn, constants) in na2d_kernels(args.kernel_size, args.head_dim, _DTYPES[args.dtype]).items():
+    for name, (fn, constants, stages) in na2d_kernels(args.kernel_size, args.head_dim, _DTYPES[args.dtype]).items():
         if args.only and not any(word in name for word in args.only):
             continue
         source = triton.compiler.ASTSource(
             fn=fn, signature=_signature(fn, constants, args.dtype),
             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
-        compiled = triton.compile(source, target=target, options=dict(num_warps=args.num_warps))
+        options = dict(num_warps=args.num_warps)
+        if stages is not None:
+            options['num_stages'] = stages
+        compiled = triton.compile(source, target=target, options=options)
         report = ptxas_report(compiled.asm['ptx'], arch)
         rows.append(f'{name:<28} {report["registers"]:>9} {report["spill_stores"]:>12} {report["spill_loads"]:>11} '
                     f'{report["stack_frame"]:>11} {compiled.metadata.shared:>13}')

@@ -7,21 +7,25 @@ evaluates a mask over positions of other groups.
 
 Forward: a program takes a ``TH x TW`` tile of queries of one group, image and head. The windows
 of the tile lie inside a halo of ``(TH + kh - 1) x (TW + kw - 1)`` keys (window starts grow by at
-most one per step, also where they are clamped at the borders), which the program reads once, a
-few halo rows at a time, with an online softmax; pairs outside a query's window are masked. It
-stores the output and the base-2 log-sum-exp of every row for the backward.
+most one per step, also where they are clamped at the borders), which the program reads once, one
+halo row at a time and only the rows its windows reach, with an online softmax; pairs outside a
+query's window are masked. What depends on columns alone (which halo columns are in each query's
+window, the column part of each bias index) is the same for every halo row, so it is computed once
+per program and each row adds only per-query tests. It stores the output and the base-2
+log-sum-exp of every row for the backward.
 
 Backward: a query-tile program recomputes the probabilities from the log-sum-exp and writes dq,
 ``D = rowsum(dO * O)`` and a per-program partial sum of d(rpb); a key-tile program loops over
-the queries whose windows can contain its keys (a range per axis, exact at the clamped borders)
-and writes dk and dv. No atomics: the d(rpb) partials are summed by torch afterwards, so
-gradients are deterministic.
+the queries whose windows can contain its keys (a range per axis, exact at the clamped borders;
+columns outside, rows inside, so the column tests are computed once) and writes dk and dv. No
+atomics: the d(rpb) partials are summed by torch afterwards, so gradients are deterministic.
 
 The bias of a (query, key) pair is indexed by ``key_step - query_step + k - 1`` on each axis, a
 difference of the two, so the partial d(rpb) of a tile is ``A @ dS' @ B`` with one-hot matrices
 ``A`` and ``B`` and ``dS'`` the tile's score gradients regrouped as (query row, key row) x
 (query col, key col): two small matrix products instead of a scatter.
 """
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -29,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ['na2d_fused', 'fused_unsupported_reason', 'full_window', 'na2d_full_window_sdpa']
+__all__ = ['na2d_fused', 'fused_unsupported_reason']
 
 # log2(e): scores are kept in base-2 units (exp2 is the hardware's exponential); the kernels spell
 # the literal, since a jitted function reads no Python globals
@@ -80,7 +84,7 @@ def _decode_program(pid, H, W, DH, DW, NT_R, NT_C):
 def _query_tile(pid, H, W, DH, DW, NT_R, NT_C,
                 KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
     """A query-tile program's group, its queries (group steps, validity, pixel positions, window
-    starts) and the top-left corner of its key halo, in group steps."""
+    starts), the top-left corner of its key halo and how many halo rows its windows reach."""
     tr, tc, gr, gc, len_r, len_c = _decode_program(pid, H, W, DH, DW, NT_R, NT_C)
     qi = tl.arange(0, TH * TW)
     qr = tr * TH + qi // TW
@@ -88,20 +92,36 @@ def _query_tile(pid, H, W, DH, DW, NT_R, NT_C,
     q_valid = (qr < len_r) & (qc < len_c)
     ws_r = _window_start(qr, len_r, KH)
     ws_c = _window_start(qc, len_c, KW)
-    hs_r = tl.minimum(tl.maximum(tr * TH - KH // 2, 0), len_r - KH)
-    hs_c = tl.minimum(tl.maximum(tc * TW - KW // 2, 0), len_c - KW)
-    return tr, tc, gr, gc, len_r, len_c, qr, qc, q_valid, gr + qr * DH, gc + qc * DW, ws_r, ws_c, hs_r, hs_c
+    # the halo starts at the first query's window and ends with the last valid query's window
+    hs_r = _window_start(tr * TH, len_r, KH)
+    hs_c = _window_start(tc * TW, len_c, KW)
+    n_rows = _window_start(tl.minimum(tr * TH + TH - 1, len_r - 1), len_r, KH) + KH - hs_r
+    return (tr, tc, gr, gc, len_r, len_c, qr, qc, q_valid, gr + qr * DH, gc + qc * DW, ws_r, ws_c,
+            hs_r, hs_c, n_rows)
 
 
 @triton.jit
-def _halo_chunk(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r, hs_c, len_r, len_c, c,
-                HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                KH: tl.constexpr, TH: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr):
-    """Halo rows ``c .. c + CH - 1`` of a query tile: their keys' group steps, keys and values."""
+def _halo_columns(qc, ws_c, hs_c, q_valid, KW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr):
+    """The column side of a step of ``CH`` halo rows, the same for every step of a program, so
+    computed once: for each (query, halo position) whether the query is valid and the key's column
+    in its window, and the pair's bias offset apart from the term of the step's first row."""
     ki = tl.arange(0, CH * HW)
-    kr = hs_r + c + ki // HW
     kc = hs_c + ki % HW
-    k_valid = (kr < len_r) & (kc < len_c) & (ki // HW + c < TH + KH - 1)
+    # padding queries have no window: their bias offsets would fall outside the table
+    col_in = (kc[None, :] >= ws_c[:, None]) & (kc[None, :] < ws_c[:, None] + KW) & q_valid[:, None]
+    bias_off = (ki // HW)[None, :] * (2 * KW - 1) + (kc[None, :] - qc[:, None] + KW - 1)
+    return col_in, bias_off
+
+
+@triton.jit
+def _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, kr0, hs_c, len_r, len_c,
+               HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               CH: tl.constexpr, HW: tl.constexpr):
+    """Keys and values of halo rows ``kr0 .. kr0 + CH - 1`` (group steps), ``HW`` columns from ``hs_c``."""
+    ki = tl.arange(0, CH * HW)
+    kr = kr0 + ki // HW
+    kc = hs_c + ki % HW
+    k_valid = (kr < len_r) & (kc < len_c)
     row, col = gr + kr * DH, gc + kc * DW
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -109,20 +129,25 @@ def _halo_chunk(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r, hs_c, 
                 mask=k_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
     v = tl.load(v_base + (row * svh + col * svw)[:, None] + dv[None, :],
                 mask=k_valid[:, None] & (dv[None, :] < V_DIM), other=0.)
-    return kr, kc, k, v
+    return k, v
 
 
 @triton.jit
-def _tile_scores(q, k, qr, qc, ws_r, ws_c, kr, kc, rpb_base, qk_scale,
-                 KH: tl.constexpr, KW: tl.constexpr, HAS_RPB: tl.constexpr,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Base-2 scores of queries against a halo chunk, bias included, and which pairs are in a window."""
+def _halo_scores(q, k, qr, ws_r, kr0, col_in, bias_off, rpb_base, qk_scale,
+                 KH: tl.constexpr, KW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr,
+                 HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """Base-2 scores of the queries against halo rows from ``kr0``, bias included, and which pairs
+    are in a window. The row tests are per query (and per step row): the column side is precomputed."""
     s = _mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-    inside = ((kr[None, :] >= ws_r[:, None]) & (kr[None, :] < ws_r[:, None] + KH)
-              & (kc[None, :] >= ws_c[:, None]) & (kc[None, :] < ws_c[:, None] + KW))
+    rel = kr0 - ws_r  # the step's first row, counted from each query's window start
+    if CH == 1:
+        inside = ((rel >= 0) & (rel < KH))[:, None] & col_in
+    else:
+        rel2 = rel[:, None] + (tl.arange(0, CH * HW) // HW)[None, :]
+        inside = (rel2 >= 0) & (rel2 < KH) & col_in
     if HAS_RPB:
-        bias_idx = (kr[None, :] - qr[:, None] + KH - 1) * (2 * KW - 1) + (kc[None, :] - qc[:, None] + KW - 1)
-        bias = tl.load(rpb_base + bias_idx, mask=inside, other=0.)
+        bias_row = (kr0 - qr + KH - 1) * (2 * KW - 1)
+        bias = tl.load(rpb_base + bias_row[:, None] + bias_off, mask=inside, other=0.)
         s += bias.to(tl.float32) * 1.4426950408889634
     return s, inside
 
@@ -138,31 +163,35 @@ def _na2d_fwd_kernel(
         qk_scale,
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-        CH: tl.constexpr, HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // NH).to(tl.int64)
     n = bh % NH
-    tr, tc, gr, gc, len_r, len_c, qr, qc, q_valid, q_row, q_col, ws_r, ws_c, hs_r, hs_c = _query_tile(
+    tr, tc, gr, gc, len_r, len_c, qr, qc, q_valid, q_row, q_col, ws_r, ws_c, hs_r, hs_c, n_rows = _query_tile(
         pid, H, W, DH, DW, NT_R, NT_C, KH, KW, TH, TW)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + b * sqb + n * sqn + (q_row * sqh + q_col * sqw)[:, None] + d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
+    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, 1, HW)
+    k_base = K + b * skb + n * skn
+    v_base = V + b * svb + n * svn
+    rpb_base = RPB + n * (2 * KH - 1) * (2 * KW - 1)
 
     m_i = tl.full([TH * TW], float('-inf'), tl.float32)
     l_i = tl.zeros([TH * TW], tl.float32)
     acc = tl.zeros([TH * TW, BLOCK_DV], tl.float32)
-    for c in tl.static_range(0, TH + KH - 1, CH):
-        kr, kc, k, v = _halo_chunk(K + b * skb + n * skn, V + b * svb + n * svn, skh, skw, svh, svw,
-                                   gr, gc, DH, DW, hs_r, hs_c, len_r, len_c, c,
-                                   HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, KH, TH, CH, HW)
-        s, inside = _tile_scores(q, k, qr, qc, ws_r, ws_c, kr, kc, RPB + n * (2 * KH - 1) * (2 * KW - 1),
-                                 qk_scale, KH, KW, HAS_RPB, PRECISION, UPCAST)
+    # one halo row per step: its row tests are per query, and no step reads rows no window reaches
+    for c in tl.range(0, n_rows):
+        k, v = _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r + c, hs_c, len_r, len_c,
+                          HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, 1, HW)
+        s, inside = _halo_scores(q, k, qr, ws_r, hs_r + c, col_in, bias_off, rpb_base, qk_scale,
+                                 KH, KW, 1, HW, HAS_RPB, PRECISION, UPCAST)
         s = tl.where(inside, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a chunk can lie outside every window of some rows: keep those rows' state unchanged
+        # a row can lie outside every window of some queries: keep those queries' state unchanged
         m_safe = tl.where(m_new == float('-inf'), 0., m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
@@ -197,7 +226,7 @@ def _na2d_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = (bh // NH).to(tl.int64)
     n = bh % NH
-    tr, tc, gr, gc, len_r, len_c, qr, qc, q_valid, q_row, q_col, ws_r, ws_c, hs_r, hs_c = _query_tile(
+    tr, tc, gr, gc, len_r, len_c, qr, qc, q_valid, q_row, q_col, ws_r, ws_c, hs_r, hs_c, n_rows = _query_tile(
         pid, H, W, DH, DW, NT_R, NT_C, KH, KW, TH, TW)
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -211,18 +240,21 @@ def _na2d_bwd_dq_kernel(
     stat_off = bh.to(tl.int64) * H * W + q_row * W + q_col
     tl.store(DELTA + stat_off, delta, mask=q_valid)
     lse = tl.load(LSE + stat_off, mask=q_valid, other=0.)
+    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, CH, HW)
+    k_base = K + b * skb + n * skn
+    v_base = V + b * svb + n * svn
+    rpb_base = RPB + n * (2 * KH - 1) * (2 * KW - 1)
 
     dq = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     if RPB_GRAD:
         # d(rpb) rows by (query col, key col) pairs, reduced over columns after the loop
         drpb_rows = tl.zeros([BI, TW * HW], tl.float32)
-    for c in tl.static_range(0, TH + KH - 1, CH):
-        kr, kc, k, v = _halo_chunk(K + b * skb + n * skn, V + b * svb + n * svn, skh, skw, svh, svw,
-                                   gr, gc, DH, DW, hs_r, hs_c, len_r, len_c, c,
-                                   HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, KH, TH, CH, HW)
-        s, inside = _tile_scores(q, k, qr, qc, ws_r, ws_c, kr, kc, RPB + n * (2 * KH - 1) * (2 * KW - 1),
-                                 qk_scale, KH, KW, HAS_RPB, PRECISION, UPCAST)
-        inside = inside & q_valid[:, None]
+    # CH halo rows per step, so that the one-hot products of d(rpb) have an inner size of 16
+    for c in tl.range(0, n_rows, CH):
+        k, v = _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r + c, hs_c, len_r, len_c,
+                          HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, CH, HW)
+        s, inside = _halo_scores(q, k, qr, ws_r, hs_r + c, col_in, bias_off, rpb_base, qk_scale,
+                                 KH, KW, CH, HW, HAS_RPB, PRECISION, UPCAST)
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.)
         dp = _mma(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -297,10 +329,17 @@ def _na2d_bwd_dkdv_kernel(
     dk = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([TH * TW, BLOCK_DV], tl.float32)
     qi = tl.arange(0, CH * HW)
-    for r0 in range(first_r, last_r + 1, CH):
-        for c0 in range(first_c, last_c + 1, HW):
+    rpb_base = RPB + n * (2 * KH - 1) * (2 * KW - 1)
+    # query columns outside, rows inside: the range of columns is at most HW wide but for the
+    # largest kernels at the borders, so the column tests are computed once per program
+    for c0 in tl.range(first_c, last_c + 1, HW):
+        qc = c0 + qi % HW
+        ws_c = _window_start(qc, len_c, KW)
+        col_in = ((kc[:, None] >= ws_c[None, :]) & (kc[:, None] < ws_c[None, :] + KW)
+                  & (qc <= last_c)[None, :] & k_valid[:, None])
+        bias_col = (kr[:, None] * (2 * KW - 1) + kc[:, None]) - (qi // HW * (2 * KW - 1) + qc)[None, :]
+        for r0 in tl.range(first_r, last_r + 1, CH):
             qr = r0 + qi // HW
-            qc = c0 + qi % HW
             q_valid = (qr <= last_r) & (qc <= last_c)
             q_row, q_col = gr + qr * DH, gc + qc * DW
             q = tl.load(Q + b * sqb + n * sqn + (q_row * sqh + q_col * sqw)[:, None] + d[None, :],
@@ -310,17 +349,13 @@ def _na2d_bwd_dkdv_kernel(
             stat_off = bh.to(tl.int64) * H * W + q_row * W + q_col
             lse = tl.load(LSE + stat_off, mask=q_valid, other=0.)
             delta = tl.load(DELTA + stat_off, mask=q_valid, other=0.)
-            ws_r = _window_start(qr, len_r, KH)
-            ws_c = _window_start(qc, len_c, KW)
             # transposed scores: keys x queries
             st = _mma(k, tl.trans(q), PRECISION, UPCAST) * qk_scale
-            inside = ((kr[:, None] >= ws_r[None, :]) & (kr[:, None] < ws_r[None, :] + KH)
-                      & (kc[:, None] >= ws_c[None, :]) & (kc[:, None] < ws_c[None, :] + KW)
-                      & q_valid[None, :] & k_valid[:, None])
+            rel = kr[:, None] - _window_start(qr, len_r, KH)[None, :]
+            inside = (rel >= 0) & (rel < KH) & (qr <= last_r)[None, :] & col_in
             if HAS_RPB:
-                bias_idx = ((kr[:, None] - qr[None, :] + KH - 1) * (2 * KW - 1)
-                            + (kc[:, None] - qc[None, :] + KW - 1))
-                bias = tl.load(RPB + n * (2 * KH - 1) * (2 * KW - 1) + bias_idx, mask=inside, other=0.)
+                bias_idx = bias_col - (r0 * (2 * KW - 1) - (KH - 1) * (2 * KW - 1) - (KW - 1))
+                bias = tl.load(rpb_base + bias_idx, mask=inside, other=0.)
                 st += bias.to(tl.float32) * 1.4426950408889634
             pt = tl.where(inside, tl.exp2(st - lse[None, :]), 0.)
             dv_acc += _mma(pt.to(do.dtype), do, PRECISION, UPCAST)
@@ -350,10 +385,14 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Launch:
-    """Grid and compile-time constants shared by the three kernels for one call's shapes."""
+    """Grid and compile-time constants shared by the three kernels for one call's shapes.
 
-    def __init__(self, q: torch.Tensor, v: torch.Tensor, kh: int, kw: int, dh: int, dw: int):
-        B, H, W, heads, head_dim = q.shape
+    ``shape`` is q's ``(B, H, W, heads, head_dim)``; ``interpreting``, whether Triton's interpreter runs them.
+    """
+
+    def __init__(self, shape: Tuple[int, ...], v_dim: int, dtype: torch.dtype, kh: int, kw: int, dh: int, dw: int,
+                 interpreting: bool):
+        B, H, W, heads, head_dim = shape
         th, tw = _tile(kh), _tile(kw)
         nt_r = triton.cdiv(triton.cdiv(H, dh), th)
         nt_c = triton.cdiv(triton.cdiv(W, dw), tw)
@@ -362,22 +401,37 @@ class _Launch:
         # each program's d(rpb) partial: the bias table padded to the one-hot products' least size
         self.bias_block = (max(16, triton.next_power_of_2(2 * kh - 1)), max(16, triton.next_power_of_2(2 * kw - 1)))
         self.meta = dict(
-            HEAD_DIM=head_dim, V_DIM=v.shape[-1],
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])),
+            HEAD_DIM=head_dim, V_DIM=v_dim,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
             KH=kh, KW=kw, TH=th, TW=tw, HW=_halo(kw),
-            # halo rows per step: rows of up to 16 keys, enough that the one-hot products of d(rpb)
-            # have an inner size of 16 (tl.dot's least) and the score tile stays at 64 x 32
-            CH=max(2, 16 // th),
             # float32 inputs get exact float32 products; tf32 would cost three decimal digits
-            PRECISION='ieee' if q.dtype == torch.float32 else 'tf32',
-            UPCAST=q.dtype == torch.bfloat16 and _interpreting(),
+            PRECISION='ieee' if dtype == torch.float32 else 'tf32',
+            UPCAST=dtype == torch.bfloat16 and interpreting,
         )
+        # the backward's halo rows per step: enough that the one-hot products of d(rpb) have an
+        # inner size of 16 (tl.dot's least); the forward takes one row per step
+        self.bwd_meta = dict(self.meta, CH=max(2, 16 // th))
         self.num_warps = 4
+        # the backward's loops are not software-pipelined: on an H200 the prefetch costs the two
+        # kernels more than it hides (dq 0.55 -> 0.44 ms, dk/dv 0.62 -> 0.40 ms at B128 h2 56x56 k7)
+        self.bwd_stages = 1
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_launch(*key) -> _Launch:
+    return _Launch(*key)
+
+
+def _launch(q: torch.Tensor, v: torch.Tensor, kh: int, kw: int, dh: int, dw: int) -> _Launch:
+    """The launch of a call, built once per shape: its Python costs as much as a launch."""
+    return _cached_launch(tuple(q.shape), v.shape[-1], q.dtype, kh, kw, dh, dw, _interpreting())
 
 
 def _forward(q, k, v, rpb, kh, kw, dh, dw, scale):
+    q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
+    rpb = None if rpb is None else rpb.contiguous()
     B, H, W, heads, _ = q.shape
-    launch = _Launch(q, v, kh, kw, dh, dw)
+    launch = _launch(q, v, kh, kw, dh, dw)
     out = _empty((B, H, W, heads, v.shape[-1]), q.dtype, q.device)
     lse = _empty((B, heads, H, W), torch.float32, q.device)
     _na2d_fwd_kernel[launch.grid](
@@ -389,9 +443,10 @@ def _forward(q, k, v, rpb, kh, kw, dh, dw, scale):
 
 
 def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad):
+    grad_out, q, k, v = _last_dim_dense(grad_out), _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
+    rpb = None if rpb is None else rpb.contiguous()
     B, H, W, heads, _ = q.shape
-    launch = _Launch(q, v, kh, kw, dh, dw)
-    grad_out = _last_dim_dense(grad_out)
+    launch = _launch(q, v, kh, kw, dh, dw)
     dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     delta = _empty(lse.shape, lse.dtype, lse.device)
     bi, bj = launch.bias_block
@@ -402,15 +457,16 @@ def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad)
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         *launch.dims, scale * _LOG2E, scale,
         BI=bi, BJ=bj, HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad,
-        num_warps=launch.num_warps, **launch.meta)
+        num_warps=launch.num_warps, num_stages=launch.bwd_stages, **launch.bwd_meta)
     _na2d_bwd_dkdv_kernel[launch.grid](
         q, k, v, rpb_arg, grad_out, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *launch.dims, scale * _LOG2E, scale,
-        HAS_RPB=rpb is not None, num_warps=launch.num_warps, **launch.meta)
+        HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.bwd_stages, **launch.bwd_meta)
     if rpb_grad:
         drpb = partial.view(B, heads, launch.grid[0], bi, bj).sum((0, 2))[:, :2 * kh - 1, :2 * kw - 1]
-        drpb = drpb.to(rpb.dtype)
+        # dense, as the fake implementation says: compiled graphs check outputs' strides against it
+        drpb = drpb.to(rpb.dtype).contiguous()
     else:
         drpb = q.new_empty(0)
     return dq, dk, dv, drpb
@@ -421,8 +477,7 @@ def _na2d_forward_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
         kh: int, kw: int, dh: int, dw: int, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(_last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v),
-                    None if rpb is None else rpb.contiguous(), kh, kw, dh, dw, scale)
+    return _forward(q, k, v, rpb, kh, kw, dh, dw, scale)
 
 
 @_na2d_forward_op.register_fake
@@ -436,8 +491,7 @@ def _na2d_backward_op(
         grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
         out: torch.Tensor, lse: torch.Tensor, kh: int, kw: int, dh: int, dw: int, scale: float, rpb_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v),
-                     None if rpb is None else rpb.contiguous(), out, lse, kh, kw, dh, dw, scale, rpb_grad)
+    return _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad)
 
 
 @_na2d_backward_op.register_fake
@@ -453,44 +507,19 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (kh, kw, dh, dw, scale)
 
 
-def _backward_autograd(ctx, grad_out, grad_lse):
+def _input_grads(ctx, grad_out, backward):
+    """The gradients of ``(q, k, v, rpb, kh, kw, dh, dw, scale)`` by ``backward``, an op or its function."""
     q, k, v, rpb, out, lse = ctx.saved_tensors
     rpb_grad = rpb is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, drpb = torch.ops.attnzoo.na2d_backward(grad_out, q, k, v, rpb, out, lse, *ctx.params, rpb_grad)
+    dq, dk, dv, drpb = backward(grad_out, q, k, v, rpb, out, lse, *ctx.params, rpb_grad)
     return dq, dk, dv, drpb if rpb_grad else None, None, None, None, None, None
 
 
+def _backward_autograd(ctx, grad_out, grad_lse):
+    return _input_grads(ctx, grad_out, torch.ops.attnzoo.na2d_backward)
+
+
 _na2d_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
-
-
-def full_window(shape: Tuple[int, ...], kh: int, kw: int, dh: int, dw: int) -> bool:
-    """True when every dilation group is exactly one window: NA is then full attention within groups."""
-    return shape[1] == kh * dh and shape[2] == kw * dw
-
-
-def na2d_full_window_sdpa(q, k, v, kh, kw, dh, dw, rpb, scale):
-    """``na2d`` on a map of exactly ``kh*dh x kw*dw``: fused SDPA per dilation group, the bias as its mask.
-
-    Each group is a ``kh x kw`` map whose windows are the whole group, so every query attends to all
-    ``kh * kw`` keys of its group; the bias of a pair is ``rpb[key - query + k - 1]`` per axis.
-    """
-    B, H, W, heads, d = q.shape
-
-    def groups(t):  # (B, H, W, heads, c) -> (B * dh * dw, heads, kh * kw, c); row = step * dh + group
-        c = t.shape[-1]
-        t = t.reshape(B, kh, dh, kw, dw, heads, c).permute(0, 2, 4, 5, 1, 3, 6)
-        return t.reshape(B * dh * dw, heads, kh * kw, c)
-
-    mask = None
-    if rpb is not None:
-        rows = torch.arange(kh, device=q.device)
-        cols = torch.arange(kw, device=q.device)
-        r = (rows[None, :] - rows[:, None] + kh - 1)[:, None, :, None]  # (query row, 1, key row, 1)
-        c = (cols[None, :] - cols[:, None] + kw - 1)[None, :, None, :]
-        mask = rpb[:, r, c].reshape(heads, kh * kw, kh * kw).to(q.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(groups(q), groups(k), groups(v), attn_mask=mask, scale=scale)
-    out = out.view(B, dh, dw, heads, kh, kw, v.shape[-1]).permute(0, 4, 1, 5, 2, 3, 6)
-    return out.reshape(B, H, W, heads, v.shape[-1])
 
 
 def _interpreting() -> bool:
@@ -516,10 +545,26 @@ def fused_unsupported_reason(
     return None
 
 
-def na2d_fused(q, k, v, kh: int, kw: int, dh: int, dw: int, rpb: Optional[torch.Tensor], scale: float):
-    """The fastest exact method for validated inputs: SDPA where each group is one window, else the kernel."""
-    if full_window(q.shape, kh, kw, dh, dw) and q.device.type == 'cuda':
-        return na2d_full_window_sdpa(q, k, v, kh, kw, dh, dw, rpb, scale)
-    out, _ = torch.ops.attnzoo.na2d_forward(q, k, v, rpb, kh, kw, dh, dw, float(scale))
-    return out
+class _NA2dFunction(torch.autograd.Function):
+    """Eager autograd over the same forward and backward as the registered ops: an eager call of a
+    ``torch.library`` custom op costs hundreds of microseconds of Python on top of the launches, as
+    much as the kernels themselves at DiNAT's later stages."""
 
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _forward(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _input_grads(ctx, grad_out, _backward)
+
+
+def na2d_fused(q, k, v, kh: int, kw: int, dh: int, dw: int, rpb: Optional[torch.Tensor], scale: float):
+    """``na2d`` through the fused kernels for validated inputs: the registered op where torch.compile
+    traces, the same functions under plain autograd in eager mode."""
+    if torch.compiler.is_compiling():
+        out, _ = torch.ops.attnzoo.na2d_forward(q, k, v, rpb, kh, kw, dh, dw, float(scale))
+        return out
+    return _NA2dFunction.apply(q, k, v, rpb, kh, kw, dh, dw, float(scale))

@@ -90,18 +90,18 @@ def test_every_output_element_is_written(monkeypatch):
     assert all(torch.isfinite(t).all() for t in written)
 
 
-def test_full_window_sdpa_path_matches_reference_with_gradients():
-    # each dilation group exactly one window: neighborhood attention is full attention per group
-    q, k, v, rpb = (torch.randn(s, dtype=torch.float64, requires_grad=True)
-                    for s in [(2, 14, 15, 3, 8)] * 3 + [(3, 13, 9)])
-    assert na2d_triton.full_window(q.shape, 7, 5, 2, 3)
-    out = na2d_triton.na2d_full_window_sdpa(q, k, v, 7, 5, 2, 3, rpb, 0.3)
-    ref = na2d.reference(q, k, v, (7, 5), (2, 3), rpb, 0.3)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    grad = torch.randn_like(ref)
-    got, want = (torch.autograd.grad(t, (q, k, v, rpb), grad) for t in (out, ref))
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+def test_eager_function_and_registered_op_agree():
+    # eager calls take a plain autograd.Function (a custom op's eager dispatch is slow), traced
+    # calls the registered op: the same kernels, so the same values and gradients
+    (q, k, v), rpb = _inputs((2, 9, 10, 16), 16, 2, 5, True, torch.float32)
+    inputs = (q, k, v, rpb)
+    eager = na2d_triton.na2d_fused(q, k, v, 5, 5, 1, 2, rpb, 0.3)
+    op, _ = torch.ops.attnzoo.na2d_forward(q, k, v, rpb, 5, 5, 1, 2, 0.3)
+    grad = torch.randn_like(eager)
+    for a, b in zip(torch.autograd.grad(eager, inputs, grad), torch.autograd.grad(op, inputs, grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(eager, op, rtol=0, atol=0)
+    assert _rel(eager, na2d.reference(*(t.double() for t in inputs[:3]), 5, (1, 2), rpb.double(), 0.3)) < 1e-5
 
 
 def test_dispatch_picks_the_kernel_only_where_it_runs():
@@ -132,6 +132,20 @@ def test_compile_fullgraph_through_the_registered_op():
     ref_grads = torch.autograd.grad(na2d.reference(q, k, v, 3, (2, 1), rpb).sum() * 2, (q, k, v, rpb))
     for got, want in zip(grads, ref_grads):
         assert _rel(got, want.double()) < 1e-3
+
+
+@pytest.mark.parametrize('with_rpb', [True, False])
+def test_registered_ops_match_their_fake_implementations(with_rpb):
+    # opcheck runs each op for real and on fake tensors and compares shapes, dtypes and strides
+    # (compiled graphs assert them), and checks the schema and the autograd registration
+    (q, k, v), rpb = _inputs((1, 9, 8, 16), 16, 2, 5, with_rpb, torch.float32)
+    with torch.no_grad():
+        out, lse = torch.ops.attnzoo.na2d_forward(q, k, v, rpb, 5, 5, 1, 1, 0.25)
+    torch.library.opcheck(torch.ops.attnzoo.na2d_forward, (q, k, v, rpb, 5, 5, 1, 1, 0.25))
+    # the backward op has no derivative of its own: its inputs are plain tensors
+    q, k, v, rpb = (None if t is None else t.detach() for t in (q, k, v, rpb))
+    torch.library.opcheck(torch.ops.attnzoo.na2d_backward,
+                          (torch.randn_like(out), q, k, v, rpb, out, lse, 5, 5, 1, 1, 0.25, with_rpb))
 
 
 def test_dinat_model_same_with_reference_and_triton():
