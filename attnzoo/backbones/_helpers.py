@@ -203,8 +203,8 @@ class StagedBackbone(nn.Module):
     * ``_stem(x)``: ``self.stem`` here; a family whose stem is ``self.patch_embed``, or which has
       none, overrides it;
     * ``has_final_norm`` and ``_final_norm(x)``: a family with a final norm after the last stage
-      keeps it in ``self.norm``, sets ``has_final_norm`` (so that ``prune_norm`` replaces it by the
-      identity) and applies it to the NCHW map in ``_final_norm``, the identity here;
+      keeps it in ``self.norm`` as a module of NCHW maps and sets ``has_final_norm`` (so that
+      ``prune_norm`` replaces it by the identity); ``_final_norm`` applies it, or nothing;
     * ``_head_features(x)``: the map ``forward_features`` returns and the head pools, here the last
       stage's output after the final norm;
     * ``checkpoint_stage_sequence``: whether grad checkpointing also runs ``checkpoint_seq`` over
@@ -259,8 +259,8 @@ class StagedBackbone(nn.Module):
         return self.stem(x)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """The final norm of the last stage's NCHW output: none here."""
-        return x
+        """The final norm of the last stage's NCHW output, where the family has one."""
+        return self.norm(x) if self.has_final_norm else x
 
     def _head_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's NCHW output to the NCHW map ``forward_features`` returns and the head pools."""

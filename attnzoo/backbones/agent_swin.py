@@ -155,7 +155,8 @@ class AgentSwin(StagedBackbone):
             in_chs = out_chs
             self.feature_info.append(dict(num_chs=out_chs, reduction=stride, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features)
+        # the official nn.LayerNorm over channels-last tokens (its eps); the stages hand over NCHW maps
+        self.norm = LayerNorm2d(self.num_features, eps=1e-5)
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
@@ -178,10 +179,6 @@ class AgentSwin(StagedBackbone):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x)
-
-    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        # the official final norm is an nn.LayerNorm over channels-last tokens
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def _remap_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

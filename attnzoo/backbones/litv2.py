@@ -160,9 +160,6 @@ class LITv2(StagedBackbone):
             ],
         )
 
-    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
-
 
 # Key renames from the official repository (ziplab/LITv2, classification) to ours. The official
 # downsampling (DTM) ends stage i; ours starts stage i + 1.

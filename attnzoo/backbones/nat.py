@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d
+from timm.layers import LayerNorm2d, SelectAdaptivePool2d
 from timm.models import generate_default_cfgs, register_model
 
 from attnzoo.blocks import ConvNormDownsample, DoubleConvStem, NeighborhoodAttentionBlock
@@ -156,7 +156,8 @@ class NAT(StagedBackbone):
             in_chs = dims[i]
             self.feature_info.append(dict(num_chs=dims[i], reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.LayerNorm(self.num_features)
+        # the official nn.LayerNorm over channels-last tokens (its eps); the stages hand over NCHW maps
+        self.norm = LayerNorm2d(self.num_features, eps=1e-5)
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         # the official init: truncated normal linears with zero bias, convs and norms as PyTorch makes them
@@ -180,10 +181,6 @@ class NAT(StagedBackbone):
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x)
-
-    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        # the official LayerNorm runs channels-last; the stages hand over NCHW views of channels-last data
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def _split_qkv(state_dict: Dict[str, torch.Tensor], out: Dict[str, torch.Tensor], prefix: str) -> None:
