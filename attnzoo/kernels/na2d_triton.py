@@ -384,6 +384,11 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _kernel_operands(q, k, v, rpb):
+    """q, k, v with a dense last dim (the kernels take any other strides) and the bias table dense."""
+    return _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v), None if rpb is None else rpb.contiguous()
+
+
 class _Launch:
     """Grid and compile-time constants shared by the three kernels for one call's shapes.
 
@@ -428,8 +433,7 @@ def _launch(q: torch.Tensor, v: torch.Tensor, kh: int, kw: int, dh: int, dw: int
 
 
 def _forward(q, k, v, rpb, kh, kw, dh, dw, scale):
-    q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
-    rpb = None if rpb is None else rpb.contiguous()
+    q, k, v, rpb = _kernel_operands(q, k, v, rpb)
     B, H, W, heads, _ = q.shape
     launch = _launch(q, v, kh, kw, dh, dw)
     out = _empty((B, H, W, heads, v.shape[-1]), q.dtype, q.device)
@@ -443,8 +447,8 @@ def _forward(q, k, v, rpb, kh, kw, dh, dw, scale):
 
 
 def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad):
-    grad_out, q, k, v = _last_dim_dense(grad_out), _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
-    rpb = None if rpb is None else rpb.contiguous()
+    q, k, v, rpb = _kernel_operands(q, k, v, rpb)
+    grad_out = _last_dim_dense(grad_out)
     B, H, W, heads, _ = q.shape
     launch = _launch(q, v, kh, kw, dh, dw)
     dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
