@@ -165,6 +165,8 @@ def _na2d_fwd_kernel(
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
         HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # a compiled graph passes Python floats as float64; the scores and their row statistics stay float32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // NH).to(tl.int64)
@@ -222,6 +224,8 @@ def _na2d_bwd_dq_kernel(
         CH: tl.constexpr, HW: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
         HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # a compiled graph passes Python floats as float64; the scores and their row statistics stay float32
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // NH).to(tl.int64)
@@ -296,6 +300,8 @@ def _na2d_bwd_dkdv_kernel(
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
         CH: tl.constexpr, HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    # a compiled graph passes Python floats as float64; the scores and their row statistics stay float32
+    qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // NH).to(tl.int64)
@@ -398,6 +404,9 @@ class _Launch:
     def __init__(self, shape: Tuple[int, ...], v_dim: int, dtype: torch.dtype, kh: int, kw: int, dh: int, dw: int,
                  interpreting: bool):
         B, H, W, heads, head_dim = shape
+        # the head dims set block sizes, so a dynamic-shape trace specializes on them; the map and
+        # batch sizes only reach the grid and the kernels' arguments, and may stay symbolic
+        head_dim, v_dim = int(head_dim), int(v_dim)
         th, tw = _tile(kh), _tile(kw)
         nt_r = triton.cdiv(triton.cdiv(H, dh), th)
         nt_c = triton.cdiv(triton.cdiv(W, dw), tw)
@@ -429,16 +438,25 @@ def _cached_launch(*key) -> _Launch:
 
 def _launch(q: torch.Tensor, v: torch.Tensor, kh: int, kw: int, dh: int, dw: int) -> _Launch:
     """The launch of a call, built once per shape: its Python costs as much as a launch."""
-    return _cached_launch(tuple(q.shape), v.shape[-1], q.dtype, kh, kw, dh, dw, _interpreting())
+    key = (tuple(q.shape), v.shape[-1], q.dtype, kh, kw, dh, dw, _interpreting())
+    if all(isinstance(size, int) for size in key[0]):
+        return _cached_launch(*key)
+    return _Launch(*key)  # symbolic sizes of a dynamic-shape trace, which cannot be hashed
 
 
-def _forward(q, k, v, rpb, kh, kw, dh, dw, scale):
+def _direct(kernel):
+    return kernel
+
+
+def _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=_direct):
+    """The forward launch. ``wrap`` is applied to each kernel before its launch: the registered ops
+    pass ``torch.library.wrap_triton``, so that a compiled graph launches the kernel itself."""
     q, k, v, rpb = _kernel_operands(q, k, v, rpb)
     B, H, W, heads, _ = q.shape
     launch = _launch(q, v, kh, kw, dh, dw)
     out = _empty((B, H, W, heads, v.shape[-1]), q.dtype, q.device)
     lse = _empty((B, heads, H, W), torch.float32, q.device)
-    _na2d_fwd_kernel[launch.grid](
+    wrap(_na2d_fwd_kernel)[launch.grid](
         q, k, v, rpb if rpb is not None else q, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *launch.dims, scale * _LOG2E,
@@ -446,7 +464,7 @@ def _forward(q, k, v, rpb, kh, kw, dh, dw, scale):
     return out, lse
 
 
-def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad):
+def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad, wrap=_direct):
     q, k, v, rpb = _kernel_operands(q, k, v, rpb)
     grad_out = _last_dim_dense(grad_out)
     B, H, W, heads, _ = q.shape
@@ -456,13 +474,13 @@ def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad)
     bi, bj = launch.bias_block
     partial = _empty((B * heads * launch.grid[0], bi, bj) if rpb_grad else (1,), torch.float32, q.device)
     rpb_arg = rpb if rpb is not None else q
-    _na2d_bwd_dq_kernel[launch.grid](
+    wrap(_na2d_bwd_dq_kernel)[launch.grid](
         q, k, v, rpb_arg, out, grad_out, lse, delta, dq, partial,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         *launch.dims, scale * _LOG2E, scale,
         BI=bi, BJ=bj, HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad,
         num_warps=launch.num_warps, num_stages=launch.bwd_stages, **launch.bwd_meta)
-    _na2d_bwd_dkdv_kernel[launch.grid](
+    wrap(_na2d_bwd_dkdv_kernel)[launch.grid](
         q, k, v, rpb_arg, grad_out, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *launch.dims, scale * _LOG2E, scale,
@@ -476,12 +494,24 @@ def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad)
     return dq, dk, dv, drpb
 
 
-@torch.library.custom_op('attnzoo::na2d_forward', mutates_args=(), device_types=('cuda', 'cpu'))
+def _interpreting() -> bool:
+    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+
+
+# Triton ops: torch.compile traces into their bodies and its graph launches the kernels itself,
+# without an opaque op's Python on every call. Triton's interpreter kernels cannot be traced
+# (``wrap_triton`` takes jitted kernels only), so under the interpreter the same bodies become
+# opaque custom ops, which compiled graphs call as they are. Both kinds get the fake implementations
+# below: a Triton op would otherwise run its whole body on fake tensors to learn its outputs' shapes.
+_register_op = torch.library.custom_op if _interpreting() else torch.library.triton_op
+
+
+@_register_op('attnzoo::na2d_forward', mutates_args=())
 def _na2d_forward_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
         kh: int, kw: int, dh: int, dw: int, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, rpb, kh, kw, dh, dw, scale)
+    return _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=torch.library.wrap_triton)
 
 
 @_na2d_forward_op.register_fake
@@ -490,12 +520,12 @@ def _(q, k, v, rpb, kh, kw, dh, dw, scale):
     return q.new_empty((B, H, W, heads, v.shape[-1])), q.new_empty((B, heads, H, W), dtype=torch.float32)
 
 
-@torch.library.custom_op('attnzoo::na2d_backward', mutates_args=(), device_types=('cuda', 'cpu'))
+@_register_op('attnzoo::na2d_backward', mutates_args=())
 def _na2d_backward_op(
         grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
         out: torch.Tensor, lse: torch.Tensor, kh: int, kw: int, dh: int, dw: int, scale: float, rpb_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad)
+    return _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad, wrap=torch.library.wrap_triton)
 
 
 @_na2d_backward_op.register_fake
@@ -524,10 +554,6 @@ def _backward_autograd(ctx, grad_out, grad_lse):
 
 
 _na2d_forward_op.register_autograd(_backward_autograd, setup_context=_setup_context)
-
-
-def _interpreting() -> bool:
-    return os.environ.get('TRITON_INTERPRET', '0') == '1'
 
 
 def fused_unsupported_reason(

@@ -3,6 +3,11 @@
 On a machine without CUDA the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1
 before Triton is imported), so the shapes stay small; with CUDA the same tests run the real kernels.
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import timm
 import torch
@@ -132,6 +137,50 @@ def test_compile_fullgraph_through_the_registered_op():
     ref_grads = torch.autograd.grad(na2d.reference(q, k, v, 3, (2, 1), rpb).sum() * 2, (q, k, v, rpb))
     for got, want in zip(grads, ref_grads):
         assert _rel(got, want.double()) < 1e-3
+
+
+# Traced as torch.compile's AOT stage traces (functionalized, on fake tensors with a symbolic batch
+# and map): meta tensors, so no kernel runs and no GPU is needed.
+_TRACE_OPS = textwrap.dedent("""
+    import torch
+    from functorch.compile import aot_function, make_boxed_func
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    import attnzoo.kernels.na2d_triton  # noqa: F401  (registers the ops)
+
+    def forward_backward(q, k, v, rpb):
+        out, lse = torch.ops.attnzoo.na2d_forward(q, k, v, rpb, 3, 3, 2, 1, 0.25)
+        return torch.ops.attnzoo.na2d_backward(out, q, k, v, rpb, out, lse, 3, 3, 2, 1, 0.25, True)
+
+    graphs = []
+    def capture(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * 3 + [DimDynamic.STATIC] * 2)
+    q, k, v = (mode.from_tensor(torch.empty(2, 9, 8, 2, 16, device='meta'), symbolic_context=dynamic)
+               for _ in range(3))
+    with mode:
+        rpb = torch.empty(2, 5, 5, device='meta')
+        dq, dk, dv, drpb = aot_function(forward_backward, fw_compiler=capture)(q, k, v, rpb)
+    assert isinstance(dq.shape[0], torch.SymInt) and tuple(drpb.shape) == (2, 5, 5)
+    for node in graphs[0].graph.nodes:
+        if node.target is triton_kernel_wrapper_functional:
+            kernel = kernel_side_table.get_kernel(node.kwargs['kernel_idx'])
+            print(kernel.fn.__name__, all(isinstance(n, torch.fx.Node) for n in node.kwargs['grid'][0][:2]))
+""")
+
+
+def test_compile_traces_into_the_kernels_with_dynamic_shapes():
+    # outside Triton's interpreter the ops are Triton ops: a compiled graph holds the three kernels
+    # themselves (and launches them without the op's Python), with a grid symbolic in batch and map
+    env = {key: value for key, value in os.environ.items() if key != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, '-c', _TRACE_OPS], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ['_na2d_fwd_kernel', 'True', '_na2d_bwd_dq_kernel', 'True',
+                                  '_na2d_bwd_dkdv_kernel', 'True']
 
 
 @pytest.mark.parametrize('with_rpb', [True, False])
