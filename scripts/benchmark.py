@@ -249,8 +249,10 @@ class ModelBenchmark:
         self.num_classes: int = self.model.num_classes or self.model.num_features
         self.model.to(device=device, memory_format=self.memory_format)
         # The compiled module shares parameters with the eager one, which stays available for
-        # FLOP counting (the counter does not see inside compiled graphs).
-        self.runner = torch.compile(self.model) if job.compiled else self.model
+        # FLOP counting (the counter does not see inside compiled graphs). Static shapes: the two
+        # phases' batch sizes differ, and by default the second compile would make the batch
+        # symbolic, which measured 1.3x-1.8x slower training (Swin-T 3100 vs 4311 img/s on an H200).
+        self.runner = torch.compile(self.model, dynamic=False) if job.compiled else self.model
 
     def _autocast(self) -> ContextManager:
         if self.args.amp:
