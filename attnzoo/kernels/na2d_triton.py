@@ -7,8 +7,9 @@ evaluates a mask over positions of other groups.
 
 Forward: a program takes a ``TH x TW`` tile of queries of one group, image and head. The windows
 of the tile lie inside a halo of ``(TH + kh - 1) x (TW + kw - 1)`` keys (window starts grow by at
-most one per step, also where they are clamped at the borders), which the program reads once, one
-halo row at a time and only the rows its windows reach, with an online softmax; pairs outside a
+most one per step, also where they are clamped at the borders), which the program reads once, a
+step of halo rows at a time (one row where it holds 16 keys) and only the rows its windows reach,
+with an online softmax; pairs outside a
 query's window are masked. What depends on columns alone (which halo columns are in each query's
 window, the column part of each bias index) is the same for every halo row, so it is computed once
 per program and each row adds only per-query tests. It stores the output and the base-2
@@ -43,13 +44,11 @@ MAX_KERNEL_SIZE = 13
 MAX_HEAD_DIM = 128
 
 
-def _tile(kernel_size: int) -> int:
-    """Query tile side for a kernel size: the largest power of two whose halo fits 16 positions."""
-    return 8 if kernel_size <= 9 else 4
-
-
-def _halo(kernel_size: int) -> int:
-    return triton.next_power_of_2(_tile(kernel_size) + kernel_size - 1)
+def _tiles(kh: int, kw: int) -> Tuple[int, int]:
+    """Query tile (rows, cols) for a kernel size: per axis the largest power of two whose halo
+    (tile + kernel - 1) fits 16 positions. The kernels take any tile of powers of two with at
+    least 16 queries and at least 16 (query col, halo col) pairs per row."""
+    return (8 if kh <= 9 else 4), (8 if kw <= 9 else 4)
 
 
 @triton.jit
@@ -163,7 +162,7 @@ def _na2d_fwd_kernel(
         qk_scale,
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-        HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # a compiled graph passes Python floats as float64; the scores and their row statistics stay float32
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -177,7 +176,7 @@ def _na2d_fwd_kernel(
     dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + b * sqb + n * sqn + (q_row * sqh + q_col * sqw)[:, None] + d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
-    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, 1, HW)
+    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, CH, HW)
     k_base = K + b * skb + n * skn
     v_base = V + b * svb + n * svn
     rpb_base = RPB + n * (2 * KH - 1) * (2 * KW - 1)
@@ -185,12 +184,13 @@ def _na2d_fwd_kernel(
     m_i = tl.full([TH * TW], float('-inf'), tl.float32)
     l_i = tl.zeros([TH * TW], tl.float32)
     acc = tl.zeros([TH * TW, BLOCK_DV], tl.float32)
-    # one halo row per step: its row tests are per query, and no step reads rows no window reaches
-    for c in tl.range(0, n_rows):
+    # CH halo rows per step (one where a row holds 16 keys): the row tests are per query, and the
+    # steps end with the last row a window reaches
+    for c in tl.range(0, n_rows, CH):
         k, v = _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r + c, hs_c, len_r, len_c,
-                          HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, 1, HW)
+                          HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, CH, HW)
         s, inside = _halo_scores(q, k, qr, ws_r, hs_r + c, col_in, bias_off, rpb_base, qk_scale,
-                                 KH, KW, 1, HW, HAS_RPB, PRECISION, UPCAST)
+                                 KH, KW, CH, HW, HAS_RPB, PRECISION, UPCAST)
         s = tl.where(inside, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row can lie outside every window of some queries: keep those queries' state unchanged
@@ -407,7 +407,8 @@ class _Launch:
         # the head dims set block sizes, so a dynamic-shape trace specializes on them; the map and
         # batch sizes only reach the grid and the kernels' arguments, and may stay symbolic
         head_dim, v_dim = int(head_dim), int(v_dim)
-        th, tw = _tile(kh), _tile(kw)
+        th, tw = _tiles(kh, kw)
+        halo_w = triton.next_power_of_2(tw + kw - 1)
         nt_r = triton.cdiv(triton.cdiv(H, dh), th)
         nt_c = triton.cdiv(triton.cdiv(W, dw), tw)
         self.grid = (nt_r * nt_c * dh * dw, B * heads)
@@ -417,14 +418,16 @@ class _Launch:
         self.meta = dict(
             HEAD_DIM=head_dim, V_DIM=v_dim,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
-            KH=kh, KW=kw, TH=th, TW=tw, HW=_halo(kw),
+            KH=kh, KW=kw, TH=th, TW=tw, HW=halo_w,
             # float32 inputs get exact float32 products; tf32 would cost three decimal digits
             PRECISION='ieee' if dtype == torch.float32 else 'tf32',
             UPCAST=dtype == torch.bfloat16 and interpreting,
+            # halo rows per forward step: enough for 16 keys, tl.dot's least size
+            CH=max(1, 16 // halo_w),
         )
-        # the backward's halo rows per step: enough that the one-hot products of d(rpb) have an
-        # inner size of 16 (tl.dot's least); the forward takes one row per step
-        self.bwd_meta = dict(self.meta, CH=max(2, 16 // th))
+        # the backward's halo rows per step: enough for 16 keys and for the one-hot products of
+        # d(rpb) to have an inner size of 16
+        self.bwd_meta = dict(self.meta, CH=max(2, 16 // th, 16 // halo_w))
         self.num_warps = 4
         # the backward's loops are not software-pipelined: on an H200 the prefetch costs the two
         # kernels more than it hides (dq 0.55 -> 0.44 ms, dk/dv 0.62 -> 0.40 ms at B128 h2 56x56 k7)

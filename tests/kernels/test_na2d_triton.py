@@ -69,6 +69,23 @@ def test_triton_matches_reference_float32(shape, heads, kernel_size, dilation, w
     _check_against_reference(shape, heads, kernel_size, dilation, with_rpb, torch.float32)
 
 
+@pytest.mark.parametrize('tiles,shape,kernel_size,dilation', [
+    ((8, 2), (1, 17, 11, 16), 7, (2, 1)),  # halo rows of 8 keys: two rows per forward step
+    ((16, 2), (1, 21, 9, 16), 7, 1),
+    ((4, 4), (1, 10, 12, 16), 5, (1, 2)),
+])
+def test_triton_other_query_tiles(monkeypatch, tiles, shape, kernel_size, dilation):
+    # the tile is a tuning choice: the kernels must stay exact for every tile they accept
+    monkeypatch.setattr(na2d_triton, '_tiles', lambda kh, kw: tiles)
+    na2d_triton._cached_launch.cache_clear()
+    try:
+        assert na2d_triton._launch(torch.empty(shape[:3] + (1, shape[3])), torch.empty(1), kernel_size,
+                                   kernel_size, 1, 1).meta['TW'] == tiles[1]
+        _check_against_reference(shape, 1, kernel_size, dilation, True, torch.float32)
+    finally:
+        na2d_triton._cached_launch.cache_clear()
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_triton_matches_reference_half_precision(dtype):
     _check_against_reference((2, 12, 16, 32), 2, 5, (2, 3), True, dtype, transposed=True)
