@@ -489,9 +489,10 @@ def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad,
         *launch.dims, scale * _LOG2E, scale,
         HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.bwd_stages, **launch.bwd_meta)
     if rpb_grad:
-        drpb = partial.view(B, heads, launch.grid[0], bi, bj).sum((0, 2))[:, :2 * kh - 1, :2 * kw - 1]
-        # dense, as the fake implementation says: compiled graphs check outputs' strides against it
-        drpb = drpb.to(rpb.dtype).contiguous()
+        # the table cut out before the sum, whose result is dense, as the fake implementation says
+        # (compiled graphs check outputs' strides against it), without a copy
+        partial = partial.view(B, heads, launch.grid[0], bi, bj)[..., :2 * kh - 1, :2 * kw - 1]
+        drpb = partial.sum((0, 2)).to(rpb.dtype)
     else:
         drpb = q.new_empty(0)
     return dq, dk, dv, drpb
