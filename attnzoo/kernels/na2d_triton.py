@@ -27,7 +27,6 @@ difference of the two, so the partial d(rpb) of a tile is ``A @ dS' @ B`` with o
 (query col, key col): two small matrix products instead of a scatter.
 """
 import functools
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -383,7 +382,7 @@ def _empty(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
     """(batch, row, col, head) strides of a ``(B, H, W, heads, dim)`` tensor whose last dim is dense."""
-    return t.stride(0), t.stride(1), t.stride(2), t.stride(3)
+    return t.stride()[:4]  # one call: each costs as much as the tuple
 
 
 def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
@@ -441,7 +440,7 @@ def _cached_launch(*key) -> _Launch:
 
 def _launch(q: torch.Tensor, v: torch.Tensor, kh: int, kw: int, dh: int, dw: int) -> _Launch:
     """The launch of a call, built once per shape: its Python costs as much as a launch."""
-    key = (tuple(q.shape), v.shape[-1], q.dtype, kh, kw, dh, dw, _interpreting())
+    key = (tuple(q.shape), v.shape[-1], q.dtype, kh, kw, dh, dw, _INTERPRETING)
     if all(isinstance(size, int) for size in key[0]):
         return _cached_launch(*key)
     return _Launch(*key)  # symbolic sizes of a dynamic-shape trace, which cannot be hashed
@@ -498,8 +497,9 @@ def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad,
     return dq, dk, dv, drpb
 
 
-def _interpreting() -> bool:
-    return os.environ.get('TRITON_INTERPRET', '0') == '1'
+# whether Triton's interpreter runs the kernels: settled when they were decorated (TRITON_INTERPRET=1
+# at import made them interpreted functions rather than jitted ones)
+_INTERPRETING = not isinstance(_na2d_fwd_kernel, triton.runtime.JITFunction)
 
 
 # Triton ops: torch.compile traces into their bodies and its graph launches the kernels itself,
@@ -507,7 +507,7 @@ def _interpreting() -> bool:
 # (``wrap_triton`` takes jitted kernels only), so under the interpreter the same bodies become
 # opaque custom ops, which compiled graphs call as they are. Both kinds get the fake implementations
 # below: a Triton op would otherwise run its whole body on fake tensors to learn its outputs' shapes.
-_register_op = torch.library.custom_op if _interpreting() else torch.library.triton_op
+_register_op = torch.library.custom_op if _INTERPRETING else torch.library.triton_op
 
 
 @_register_op('attnzoo::na2d_forward', mutates_args=())
@@ -565,7 +565,7 @@ def fused_unsupported_reason(
         allow_cpu: bool,
 ) -> Optional[str]:
     """None when the fused path takes these (already validated) inputs, else why not."""
-    if q.device.type != 'cuda' and not (allow_cpu and _interpreting() and q.device.type == 'cpu'):
+    if q.device.type != 'cuda' and not (allow_cpu and _INTERPRETING and q.device.type == 'cpu'):
         return (f'the Triton kernel runs on CUDA tensors, got {q.device.type} (on the CPU only in Triton\'s '
                 f'interpreter: TRITON_INTERPRET=1 and ATTNZOO_KERNELS=triton)')
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
