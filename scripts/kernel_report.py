@@ -3,8 +3,11 @@
 
 Compiles the fused na2d kernels for a GPU architecture (default sm_90, Hopper) on any machine, no GPU
 needed, and prints what the compiler reports for each: registers per thread, spill stores and loads,
-stack frame and shared memory. Register pressure and spills are the first things to look at when a
-kernel runs far from its memory floor, and reading them costs no device time.
+stack frame and shared memory, and from the machine code (SASS) the instructions of the kernel's
+main loop body and how many of them are exponentials (MUFU.EX2). Register pressure and spills are
+the first things to look at when a kernel runs far from its memory floor; the loop's instruction
+count, times its trips and programs, bounds a compute-bound kernel's time from below (an H200 issues
+about 1.05e12 warp-instructions per second). Reading them costs no device time.
 
 Example:
     python scripts/kernel_report.py --kernel-size 7 --head-dim 32 --dtype bf16
@@ -68,6 +71,25 @@ def ptxas_report(ptx: str, arch: str) -> Dict[str, int]:
                 spill_loads=number(r'(\d+) bytes spill loads'), stack_frame=number(r'(\d+) bytes stack frame'))
 
 
+def main_loop(cubin: bytes) -> Dict[str, int]:
+    """Instructions of the largest loop body in a cubin's SASS (a backward branch's span), and how many
+    of them are exponentials, from the nvdisasm that Triton ships."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'nvdisasm')
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'kernel.cubin')
+        with open(path, 'wb') as f:
+            f.write(cubin)
+        lines = subprocess.run([nvdisasm, '-c', path], capture_output=True, text=True, check=True).stdout.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r'\s*\.(L_x_\d+):', line))}
+    body: List[str] = []
+    for i, line in enumerate(lines):
+        branch = re.search(r'BRA\s+`\(\.(L_x_\d+)\)', line)
+        if branch and labels.get(branch.group(1), i) < i:
+            span = [x for x in lines[labels[branch.group(1)]:i + 1] if re.search(r'/\*[0-9a-f]{4}\*/', x)]
+            body = max(body, span, key=len)
+    return dict(loop_instructions=len(body), loop_exp2=sum('MUFU.EX2' in line for line in body))
+
+
 def na2d_kernels(kernel_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, tuple]:
     """Each na2d kernel variant a training step runs: (jitted function, the constants it is launched
     with, its pipelining depth: None for Triton's default)."""
@@ -113,13 +135,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if stages is not None:
             options['num_stages'] = stages
         compiled = triton.compile(source, target=target, options=options)
-        report = ptxas_report(compiled.asm['ptx'], arch)
+        report = dict(ptxas_report(compiled.asm['ptx'], arch), **main_loop(compiled.asm['cubin']))
         rows.append(f'{name:<28} {report["registers"]:>9} {report["spill_stores"]:>12} {report["spill_loads"]:>11} '
-                    f'{report["stack_frame"]:>11} {compiled.metadata.shared:>13}')
+                    f'{report["stack_frame"]:>11} {compiled.metadata.shared:>13} {report["loop_instructions"]:>11} '
+                    f'{report["loop_exp2"]:>9}')
     print(f'na2d kernels, kernel {args.kernel_size}, head dim {args.head_dim}, {args.dtype}, sm_{args.arch}, '
           f'{args.num_warps} warps, triton {triton.__version__}')
     print(f'{"kernel":<28} {"registers":>9} {"spill st. B":>12} {"spill ld. B":>11} {"stack B":>11} '
-          f'{"shared B":>13}')
+          f'{"shared B":>13} {"loop instr":>11} {"loop ex2":>9}')
     print('\n'.join(rows))
     return 0
 

@@ -18,10 +18,12 @@ def test_reports_registers_and_spills_of_a_kernel_compiled_for_sm90():
     assert 'kernel 5, head dim 16, bf16, sm_90' in lines[0]
     rows = [line for line in lines[2:] if line.strip()]
     assert len(rows) == 1 and rows[0].startswith('forward, no rpb')
-    registers, spill_stores, spill_loads, stack, shared = map(int, re.findall(r'\d+', rows[0]))
+    registers, spill_stores, spill_loads, stack, shared, loop, loop_exp2 = map(int, re.findall(r'\d+', rows[0]))
     # a Hopper thread has 255 registers at most; the forward keeps q, k, v tiles in shared memory
     assert 16 <= registers <= 255 and shared > 0
     assert min(spill_stores, spill_loads, stack) >= 0
+    # the forward's loop over halo rows: an online softmax, so exponentials among its instructions
+    assert loop > loop_exp2 > 0
 
 
 def test_rejects_a_kernel_size_the_kernels_do_not_take():
