@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import triton
@@ -54,15 +54,21 @@ def _signature(fn: triton.JITFunction, constants: Dict[str, object], dtype: str)
     return sig
 
 
+def _run_cuda_tool(name: str, args: Sequence[str], contents: Union[str, bytes], file_name: str) -> str:
+    """Output (stdout and stderr) of one of the CUDA tools Triton ships, run with ``args`` on
+    ``contents`` written to a temporary ``file_name``."""
+    tool = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, file_name)
+        with open(path, 'wb' if isinstance(contents, bytes) else 'w') as f:
+            f.write(contents)
+        done = subprocess.run([tool, *args, path], capture_output=True, text=True, check=True)
+    return done.stdout + done.stderr
+
+
 def ptxas_report(ptx: str, arch: str) -> Dict[str, int]:
     """Registers, spill bytes and stack frame of one PTX module, from the ptxas that Triton ships."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'ptxas')
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, 'kernel.ptx')
-        with open(path, 'w') as f:
-            f.write(ptx)
-        info = subprocess.run([ptxas, f'-arch={arch}', '-v', path, '-o', os.devnull],
-                              capture_output=True, text=True, check=True).stderr
+    info = _run_cuda_tool('ptxas', [f'-arch={arch}', '-v', '-o', os.devnull], ptx, 'kernel.ptx')
 
     def number(pattern: str) -> int:
         match = re.search(pattern, info)
@@ -74,12 +80,7 @@ def ptxas_report(ptx: str, arch: str) -> Dict[str, int]:
 def main_loop(cubin: bytes) -> Dict[str, int]:
     """Instructions of the largest loop body in a cubin's SASS (a backward branch's span), and how many
     of them are exponentials, from the nvdisasm that Triton ships."""
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'nvdisasm')
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, 'kernel.cubin')
-        with open(path, 'wb') as f:
-            f.write(cubin)
-        lines = subprocess.run([nvdisasm, '-c', path], capture_output=True, text=True, check=True).stdout.splitlines()
+    lines = _run_cuda_tool('nvdisasm', ['-c'], cubin, 'kernel.cubin').splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r'\s*\.(L_x_\d+):', line))}
     body: List[str] = []
     for i, line in enumerate(lines):
