@@ -99,15 +99,15 @@ def _query_tile(pid, H, W, DH, DW, NT_R, NT_C,
 
 
 @triton.jit
-def _halo_columns(qc, ws_c, hs_c, q_valid, KW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr):
+def _halo_columns(qc, ws_c, hs_c, q_valid, KW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr,
+                  PW: tl.constexpr, RW: tl.constexpr):
     """The column side of a step of ``CH`` halo rows, the same for every step of a program, so
     computed once: for each (query, halo position) whether the query is valid and the key's column
-    in its window, and the pair's bias offset apart from the term of the step's first row."""
+    in its window, and the pair's offset in the padded bias table apart from the step's first row."""
     ki = tl.arange(0, CH * HW)
     kc = hs_c + ki % HW
-    # padding queries have no window: their bias offsets would fall outside the table
     col_in = (kc[None, :] >= ws_c[:, None]) & (kc[None, :] < ws_c[:, None] + KW) & q_valid[:, None]
-    bias_off = (ki // HW)[None, :] * (2 * KW - 1) + (kc[None, :] - qc[:, None] + KW - 1)
+    bias_off = (ki // HW)[None, :] * RW + (kc[None, :] - qc[:, None] + KW - 1 + PW)
     return col_in, bias_off
 
 
@@ -132,8 +132,8 @@ def _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, kr0, hs_c, le
 
 @triton.jit
 def _halo_scores(q, k, qr, ws_r, kr0, col_in, bias_off, rpb_base, qk_scale,
-                 KH: tl.constexpr, KW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr,
-                 HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                 KH: tl.constexpr, KW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr,
+                 RW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Base-2 scores of the queries against halo rows from ``kr0``, bias included, and which pairs
     are in a window. The row tests are per query (and per step row): the column side is precomputed."""
     s = _mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
@@ -144,8 +144,8 @@ def _halo_scores(q, k, qr, ws_r, kr0, col_in, bias_off, rpb_base, qk_scale,
         rel2 = rel[:, None] + (tl.arange(0, CH * HW) // HW)[None, :]
         inside = (rel2 >= 0) & (rel2 < KH) & col_in
     if HAS_RPB:
-        bias_row = (kr0 - qr + KH - 1) * (2 * KW - 1)
-        bias = tl.load(rpb_base + bias_row[:, None] + bias_off, mask=inside, other=0.)
+        # every pair of the step lies in the padded table, in a window or not: an unmasked load
+        bias = tl.load(rpb_base + ((kr0 - qr + KH - 1 + PH) * RW)[:, None] + bias_off)
         s += bias.to(tl.float32) * 1.4426950408889634
     return s, inside
 
@@ -161,7 +161,8 @@ def _na2d_fwd_kernel(
         qk_scale,
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-        CH: tl.constexpr, HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, RW: tl.constexpr,
+        HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # a compiled graph passes Python floats as float64; the scores and their row statistics stay float32
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -175,10 +176,10 @@ def _na2d_fwd_kernel(
     dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + b * sqb + n * sqn + (q_row * sqh + q_col * sqw)[:, None] + d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
-    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, CH, HW)
+    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, CH, HW, PW, RW)
     k_base = K + b * skb + n * skn
     v_base = V + b * svb + n * svn
-    rpb_base = RPB + n * (2 * KH - 1) * (2 * KW - 1)
+    rpb_base = RPB + n * (2 * KH - 1 + 2 * PH) * RW
 
     m_i = tl.full([TH * TW], float('-inf'), tl.float32)
     l_i = tl.zeros([TH * TW], tl.float32)
@@ -189,7 +190,7 @@ def _na2d_fwd_kernel(
         k, v = _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r + c, hs_c, len_r, len_c,
                           HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, CH, HW)
         s, inside = _halo_scores(q, k, qr, ws_r, hs_r + c, col_in, bias_off, rpb_base, qk_scale,
-                                 KH, KW, CH, HW, HAS_RPB, PRECISION, UPCAST)
+                                 KH, KW, CH, HW, PH, RW, HAS_RPB, PRECISION, UPCAST)
         s = tl.where(inside, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row can lie outside every window of some queries: keep those queries' state unchanged
@@ -220,7 +221,8 @@ def _na2d_bwd_dq_kernel(
         qk_scale, scale,
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-        CH: tl.constexpr, HW: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, RW: tl.constexpr,
+        BI: tl.constexpr, BJ: tl.constexpr,
         HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # a compiled graph passes Python floats as float64; the scores and their row statistics stay float32
@@ -243,10 +245,10 @@ def _na2d_bwd_dq_kernel(
     stat_off = bh.to(tl.int64) * H * W + q_row * W + q_col
     tl.store(DELTA + stat_off, delta, mask=q_valid)
     lse = tl.load(LSE + stat_off, mask=q_valid, other=0.)
-    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, CH, HW)
+    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, CH, HW, PW, RW)
     k_base = K + b * skb + n * skn
     v_base = V + b * svb + n * svn
-    rpb_base = RPB + n * (2 * KH - 1) * (2 * KW - 1)
+    rpb_base = RPB + n * (2 * KH - 1 + 2 * PH) * RW
 
     dq = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     if RPB_GRAD:
@@ -257,7 +259,7 @@ def _na2d_bwd_dq_kernel(
         k, v = _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r + c, hs_c, len_r, len_c,
                           HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, CH, HW)
         s, inside = _halo_scores(q, k, qr, ws_r, hs_r + c, col_in, bias_off, rpb_base, qk_scale,
-                                 KH, KW, CH, HW, HAS_RPB, PRECISION, UPCAST)
+                                 KH, KW, CH, HW, PH, RW, HAS_RPB, PRECISION, UPCAST)
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.)
         dp = _mma(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -297,7 +299,8 @@ def _na2d_bwd_dkdv_kernel(
         qk_scale, scale,
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-        CH: tl.constexpr, HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, RW: tl.constexpr,
+        HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # a compiled graph passes Python floats as float64; the scores and their row statistics stay float32
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
@@ -334,7 +337,7 @@ def _na2d_bwd_dkdv_kernel(
     dk = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([TH * TW, BLOCK_DV], tl.float32)
     qi = tl.arange(0, CH * HW)
-    rpb_base = RPB + n * (2 * KH - 1) * (2 * KW - 1)
+    rpb_base = RPB + n * (2 * KH - 1 + 2 * PH) * RW
     # query columns outside, rows inside: the range of columns is at most HW wide but for the
     # largest kernels at the borders, so the column tests are computed once per program
     for c0 in tl.range(first_c, last_c + 1, HW):
@@ -342,7 +345,7 @@ def _na2d_bwd_dkdv_kernel(
         ws_c = _window_start(qc, len_c, KW)
         col_in = ((kc[:, None] >= ws_c[None, :]) & (kc[:, None] < ws_c[None, :] + KW)
                   & (qc <= last_c)[None, :] & k_valid[:, None])
-        bias_col = (kr[:, None] * (2 * KW - 1) + kc[:, None]) - (qi // HW * (2 * KW - 1) + qc)[None, :]
+        bias_col = (kr[:, None] * RW + kc[:, None]) - (qi // HW * RW + qc)[None, :]
         for r0 in tl.range(first_r, last_r + 1, CH):
             qr = r0 + qi // HW
             q_valid = (qr <= last_r) & (qc <= last_c)
@@ -359,8 +362,8 @@ def _na2d_bwd_dkdv_kernel(
             rel = kr[:, None] - _window_start(qr, len_r, KH)[None, :]
             inside = (rel >= 0) & (rel < KH) & (qr <= last_r)[None, :] & col_in
             if HAS_RPB:
-                bias_idx = bias_col - (r0 * (2 * KW - 1) - (KH - 1) * (2 * KW - 1) - (KW - 1))
-                bias = tl.load(rpb_base + bias_idx, mask=inside, other=0.)
+                bias_idx = bias_col - (r0 * RW - (KH - 1 + PH) * RW - (KW - 1 + PW))
+                bias = tl.load(rpb_base + bias_idx)  # in the padded table whether inside or not
                 st += bias.to(tl.float32) * 1.4426950408889634
             pt = tl.where(inside, tl.exp2(st - lse[None, :]), 0.)
             dv_acc += _mma(pt.to(do.dtype), do, PRECISION, UPCAST)
@@ -389,9 +392,14 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _kernel_operands(q, k, v, rpb):
-    """q, k, v with a dense last dim (the kernels take any other strides) and the bias table dense."""
-    return _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v), None if rpb is None else rpb.contiguous()
+def _kernel_operands(q, k, v, rpb, launch):
+    """q, k, v with a dense last dim (the kernels take any other strides) and the bias table padded
+    with zeros, so that every (query, halo key) pair a program scores has an entry: the kernels
+    then load the bias of a whole step without a mask (pairs outside a window are masked after)."""
+    if rpb is not None:
+        ph, pw = launch.bias_pad
+        rpb = torch.nn.functional.pad(rpb, (pw, pw, ph, ph))
+    return _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v), rpb
 
 
 class _Launch:
@@ -426,7 +434,14 @@ class _Launch:
         )
         # the backward's halo rows per step: enough for 16 keys and for the one-hot products of
         # d(rpb) to have an inner size of 16
-        self.bwd_meta = dict(self.meta, CH=max(2, 16 // th, 16 // halo_w))
+        bwd_rows = max(2, 16 // th, 16 // halo_w)
+        # zeros around the bias table, per axis: enough for every (query, halo key) pair of a
+        # program, in a window or not (the offsets reach a tile and a step of rows, or a tile and a
+        # halo width, past a window on either side)
+        self.bias_pad = (th + max(self.meta['CH'], bwd_rows) - 2, tw + halo_w - 2)
+        pads = dict(PH=self.bias_pad[0], PW=self.bias_pad[1], RW=2 * kw - 1 + 2 * self.bias_pad[1])
+        self.meta.update(pads)
+        self.bwd_meta = dict(self.meta, CH=bwd_rows)
         self.num_warps = 4
         # the backward's loops are not software-pipelined: on an H200 the prefetch costs the two
         # kernels more than it hides (dq 0.55 -> 0.44 ms, dk/dv 0.62 -> 0.40 ms at B128 h2 56x56 k7)
@@ -453,9 +468,9 @@ def _direct(kernel):
 def _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=_direct):
     """The forward launch. ``wrap`` is applied to each kernel before its launch: the registered ops
     pass ``torch.library.wrap_triton``, so that a compiled graph launches the kernel itself."""
-    q, k, v, rpb = _kernel_operands(q, k, v, rpb)
-    B, H, W, heads, _ = q.shape
     launch = _launch(q, v, kh, kw, dh, dw)
+    q, k, v, rpb = _kernel_operands(q, k, v, rpb, launch)
+    B, H, W, heads, _ = q.shape
     out = _empty((B, H, W, heads, v.shape[-1]), q.dtype, q.device)
     lse = _empty((B, heads, H, W), torch.float32, q.device)
     wrap(_na2d_fwd_kernel)[launch.grid](
@@ -467,15 +482,15 @@ def _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=_direct):
 
 
 def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad, wrap=_direct):
-    q, k, v, rpb = _kernel_operands(q, k, v, rpb)
+    launch = _launch(q, v, kh, kw, dh, dw)
+    q, k, v, rpb_padded = _kernel_operands(q, k, v, rpb, launch)
     grad_out = _last_dim_dense(grad_out)
     B, H, W, heads, _ = q.shape
-    launch = _launch(q, v, kh, kw, dh, dw)
     dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     delta = _empty(lse.shape, lse.dtype, lse.device)
     bi, bj = launch.bias_block
     partial = _empty((B * heads * launch.grid[0], bi, bj) if rpb_grad else (1,), torch.float32, q.device)
-    rpb_arg = rpb if rpb is not None else q
+    rpb_arg = rpb_padded if rpb is not None else q
     wrap(_na2d_bwd_dq_kernel)[launch.grid](
         q, k, v, rpb_arg, out, grad_out, lse, delta, dq, partial,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
