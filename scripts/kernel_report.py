@@ -93,18 +93,18 @@ def main_loop(cubin: bytes) -> Dict[str, int]:
 
 def na2d_kernels(kernel_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, tuple]:
     """Each na2d kernel variant a training step runs: (jitted function, the constants it is launched
-    with, its pipelining depth: None for Triton's default)."""
+    with, its launch options: warps and, where set, pipelining depth)."""
     shape = (1, 4 * kernel_size, 4 * kernel_size, 1, head_dim)
     launch = na2d_triton._Launch(shape, head_dim, dtype, kernel_size, kernel_size, 1, 1, interpreting=False)
     bi, bj = launch.bias_block
+    forward = dict(num_warps=launch.num_warps)
+    backward = dict(forward, num_stages=launch.bwd_stages)
     return {
-        'forward, rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=True), None),
-        'forward, no rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=False), None),
+        'forward, rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=True), forward),
+        'forward, no rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=False), forward),
         'backward dq, rpb + d(rpb)': (na2d_triton._na2d_bwd_dq_kernel,
-                                      dict(launch.bwd_meta, HAS_RPB=True, RPB_GRAD=True, BI=bi, BJ=bj),
-                                      launch.bwd_stages),
-        'backward dk/dv, rpb': (na2d_triton._na2d_bwd_dkdv_kernel, dict(launch.bwd_meta, HAS_RPB=True),
-                                launch.bwd_stages),
+                                      dict(launch.bwd_meta, HAS_RPB=True, RPB_GRAD=True, BI=bi, BJ=bj), backward),
+        'backward dk/dv, rpb': (na2d_triton._na2d_bwd_dkdv_kernel, dict(launch.bwd_meta, HAS_RPB=True), backward),
     }
 
 
@@ -114,7 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--head-dim', type=int, default=32, help='Head dim of q, k and v (default: 32).')
     parser.add_argument('--dtype', default='bf16', choices=sorted(_DTYPES), help='Element type (default: bf16).')
     parser.add_argument('--arch', type=int, default=90, help='Compute capability, e.g. 90 for Hopper (default: 90).')
-    parser.add_argument('--num-warps', type=int, default=4, help='Warps per program (default: 4, as launched).')
+    parser.add_argument('--num-warps', type=int, default=None,
+                        help='Warps per program (default: as launched, one per 16 queries of the tile).')
     parser.add_argument('--only', nargs='+', default=None, metavar='NAME',
                         help='Report only the kernels whose names contain one of these words.')
     args = parser.parse_args(argv)
@@ -126,22 +127,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     target = GPUTarget('cuda', args.arch, 32)
     arch = f'sm_{args.arch}a' if args.arch == 90 else f'sm_{args.arch}'
     rows: List[str] = []
-    for name, (fn, constants, stages) in na2d_kernels(args.kernel_size, args.head_dim, _DTYPES[args.dtype]).items():
+    kernels = na2d_kernels(args.kernel_size, args.head_dim, _DTYPES[args.dtype])
+    warps = args.num_warps or next(iter(kernels.values()))[2]['num_warps']
+    for name, (fn, constants, options) in kernels.items():
         if args.only and not any(word in name for word in args.only):
             continue
         source = triton.compiler.ASTSource(
             fn=fn, signature=_signature(fn, constants, args.dtype),
             constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
-        options = dict(num_warps=args.num_warps)
-        if stages is not None:
-            options['num_stages'] = stages
+        options = dict(options, num_warps=warps)
         compiled = triton.compile(source, target=target, options=options)
         report = dict(ptxas_report(compiled.asm['ptx'], arch), **main_loop(compiled.asm['cubin']))
         rows.append(f'{name:<28} {report["registers"]:>9} {report["spill_stores"]:>12} {report["spill_loads"]:>11} '
                     f'{report["stack_frame"]:>11} {compiled.metadata.shared:>13} {report["loop_instructions"]:>11} '
                     f'{report["loop_exp2"]:>9}')
     print(f'na2d kernels, kernel {args.kernel_size}, head dim {args.head_dim}, {args.dtype}, sm_{args.arch}, '
-          f'{args.num_warps} warps, triton {triton.__version__}')
+          f'{warps} warp{"s" if warps > 1 else ""}, triton {triton.__version__}')
     print(f'{"kernel":<28} {"registers":>9} {"spill st. B":>12} {"spill ld. B":>11} {"stack B":>11} '
           f'{"shared B":>13} {"loop instr":>11} {"loop ex2":>9}')
     print('\n'.join(rows))

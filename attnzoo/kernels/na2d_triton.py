@@ -44,10 +44,15 @@ MAX_HEAD_DIM = 128
 
 
 def _tiles(kh: int, kw: int) -> Tuple[int, int]:
-    """Query tile (rows, cols) for a kernel size: per axis the largest power of two whose halo
-    (tile + kernel - 1) fits 16 positions. The kernels take any tile of powers of two with at
-    least 16 queries and at least 16 (query col, halo col) pairs per row."""
-    return (8 if kh <= 9 else 4), (8 if kw <= 9 else 4)
+    """Query tile (rows, cols) for a kernel size: 16 queries, the rows of one warp's tl.dot, with
+    the halo that scores the fewest keys outside the windows. 8x2 at kernels 5 and 7 (halo rows of
+    8 keys, two per step), 4x4 otherwise: at kernel 3 a halo row of 8x2 holds 4 keys, too few for
+    tl.dot, and from kernel 9 its halo rows outgrow 4x4's. Chosen by a sweep on an H200
+    (benchmarks/2026-11-30-h200-na2d-tiles): at kernel 7 the 8x2 tile is 1.5x faster forward and
+    1.2x backward than the 8x8 tile of four warps. The kernels take any tile of powers of two with
+    at least 16 queries and at least 16 (query col, halo col) pairs per row.
+    """
+    return (8, 2) if kh <= 7 and 5 <= kw <= 7 else (4, 4)
 
 
 @triton.jit
@@ -442,7 +447,8 @@ class _Launch:
         pads = dict(PH=self.bias_pad[0], PW=self.bias_pad[1], RW=2 * kw - 1 + 2 * self.bias_pad[1])
         self.meta.update(pads)
         self.bwd_meta = dict(self.meta, CH=bwd_rows)
-        self.num_warps = 4
+        # one warp per 16 queries: a tile's rows are the M side of its tl.dot products
+        self.num_warps = max(1, th * tw // 16)
         # the backward's loops are not software-pipelined: on an H200 the prefetch costs the two
         # kernels more than it hides (dq 0.55 -> 0.44 ms, dk/dv 0.62 -> 0.40 ms at B128 h2 56x56 k7)
         self.bwd_stages = 1
