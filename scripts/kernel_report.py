@@ -9,6 +9,10 @@ the first things to look at when a kernel runs far from its memory floor; the lo
 count, times its trips and programs, bounds a compute-bound kernel's time from below (an H200 issues
 about 1.05e12 warp-instructions per second). Reading them costs no device time.
 
+Each kernel is compiled from the arguments its launch code passes, recorded on CPU tensors, and
+specialized as Triton's JIT specializes a launch on the GPU (sizes of 1 become constants, integers
+divisible by 16 and aligned pointers are marked so), so its loads are vectorized as they are there.
+
 Example:
     python scripts/kernel_report.py --kernel-size 7 --head-dim 32 --dtype bf16
 """
@@ -19,11 +23,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
 
 try:
     from attnzoo.kernels import na2d_triton
@@ -32,26 +38,7 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from attnzoo.kernels import na2d_triton
 
-_POINTER_ARGS = {'Q', 'K', 'V', 'OUT', 'DO', 'DQ', 'DK', 'DV'}
-_FLOAT32_POINTER_ARGS = {'RPB', 'LSE', 'DELTA', 'DRPB'}
-_FLOAT_ARGS = {'qk_scale', 'scale'}
 _DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-
-
-def _signature(fn: triton.JITFunction, constants: Dict[str, object], dtype: str) -> Dict[str, str]:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constants:
-            sig[name] = 'constexpr'
-        elif name in _POINTER_ARGS:
-            sig[name] = f'*{dtype}'
-        elif name in _FLOAT32_POINTER_ARGS:
-            sig[name] = '*fp32'
-        elif name in _FLOAT_ARGS:
-            sig[name] = 'fp32'
-        else:  # strides, sizes, counts
-            sig[name] = 'i32'
-    return sig
 
 
 def _run_cuda_tool(name: str, args: Sequence[str], contents: Union[str, bytes], file_name: str) -> str:
@@ -91,27 +78,53 @@ def main_loop(cubin: bytes) -> Dict[str, int]:
     return dict(loop_instructions=len(body), loop_exp2=sum('MUFU.EX2' in line for line in body))
 
 
-def na2d_kernels(kernel_size: int, head_dim: int, dtype: torch.dtype) -> Dict[str, tuple]:
-    """Each na2d kernel variant a training step runs: (jitted function, the constants it is launched
-    with, its launch options: warps and, where set, pipelining depth)."""
-    shape = (1, 4 * kernel_size, 4 * kernel_size, 1, head_dim)
-    launch = na2d_triton._Launch(shape, head_dim, dtype, kernel_size, kernel_size, 1, 1, interpreting=False)
-    bi, bj = launch.bias_block
-    forward = dict(num_warps=launch.num_warps)
-    backward = dict(forward, num_stages=launch.bwd_stages)
-    return {
-        'forward, rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=True), forward),
-        'forward, no rpb': (na2d_triton._na2d_fwd_kernel, dict(launch.meta, HAS_RPB=False), forward),
-        'backward dq, rpb + d(rpb)': (na2d_triton._na2d_bwd_dq_kernel,
-                                      dict(launch.bwd_meta, HAS_RPB=True, RPB_GRAD=True, BI=bi, BJ=bj), backward),
-        'backward dk/dv, rpb': (na2d_triton._na2d_bwd_dkdv_kernel, dict(launch.bwd_meta, HAS_RPB=True), backward),
-    }
+Launch = Tuple[triton.JITFunction, tuple, Dict[str, object]]
+
+
+def na2d_kernels(kernel_size: int, head_dim: int, dtype: torch.dtype, dilation: int = 1) -> Dict[str, Launch]:
+    """Each na2d kernel launch a training step makes, as (jitted function, arguments, keyword
+    arguments): recorded from the launch code itself on CPU tensors of a (2, 8k, 8k, 2 heads,
+    head_dim) map, without running anything, so that a compile specializes them as the launch on
+    the GPU does."""
+    launches: List[Launch] = []
+
+    def record(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+        return Grid()
+
+    size = 8 * kernel_size
+    q, k, v = (torch.randn(2, size, size, 2, head_dim, dtype=dtype) for _ in range(3))
+    rpb = torch.randn(2, 2 * kernel_size - 1, 2 * kernel_size - 1)
+    window = (kernel_size, kernel_size, dilation, dilation, head_dim ** -0.5)
+    out, lse = na2d_triton._forward(q, k, v, rpb, *window, wrap=record)
+    na2d_triton._forward(q, k, v, None, *window, wrap=record)
+    na2d_triton._backward(torch.randn_like(out), q, k, v, rpb, out, lse, *window, True, wrap=record)
+    names = ('forward, rpb', 'forward, no rpb', 'backward dq, rpb + d(rpb)', 'backward dk/dv, rpb')
+    return dict(zip(names, launches))
+
+
+def compile_launch(launch: Launch, arch: int, **options) -> 'triton.compiler.CompiledKernel':
+    """The launch compiled for ``arch`` as Triton's JIT would on that GPU: sizes of 1 become constants,
+    16-divisible integers and 16-byte aligned pointers are marked so. ``options`` (warps, stages)
+    override the launch's."""
+    fn, args, kwargs = launch
+    kwargs = dict(kwargs, **options)
+    target = GPUTarget('cuda', arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, parsed = binder(*args, **kwargs)
+    parsed, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, parsed)
+    source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(source, target=target, options=parsed.__dict__)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description='Compiler resource report of the fused na2d kernels, no GPU needed.')
     parser.add_argument('--kernel-size', type=int, default=7, help='Square window size (default: 7).')
     parser.add_argument('--head-dim', type=int, default=32, help='Head dim of q, k and v (default: 32).')
+    parser.add_argument('--dilation', type=int, default=1, help='Dilation on both axes (default: 1).')
     parser.add_argument('--dtype', default='bf16', choices=sorted(_DTYPES), help='Element type (default: bf16).')
     parser.add_argument('--arch', type=int, default=90, help='Compute capability, e.g. 90 for Hopper (default: 90).')
     parser.add_argument('--num-warps', type=int, default=None,
@@ -124,24 +137,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not 1 <= args.head_dim <= na2d_triton.MAX_HEAD_DIM:
         parser.error(f'--head-dim must be 1 to {na2d_triton.MAX_HEAD_DIM}')
 
-    target = GPUTarget('cuda', args.arch, 32)
     arch = f'sm_{args.arch}a' if args.arch == 90 else f'sm_{args.arch}'
     rows: List[str] = []
-    kernels = na2d_kernels(args.kernel_size, args.head_dim, _DTYPES[args.dtype])
+    kernels = na2d_kernels(args.kernel_size, args.head_dim, _DTYPES[args.dtype], args.dilation)
     warps = args.num_warps or next(iter(kernels.values()))[2]['num_warps']
-    for name, (fn, constants, options) in kernels.items():
+    for name, launch in kernels.items():
         if args.only and not any(word in name for word in args.only):
             continue
-        source = triton.compiler.ASTSource(
-            fn=fn, signature=_signature(fn, constants, args.dtype),
-            constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
-        options = dict(options, num_warps=warps)
-        compiled = triton.compile(source, target=target, options=options)
+        compiled = compile_launch(launch, args.arch, num_warps=warps)
         report = dict(ptxas_report(compiled.asm['ptx'], arch), **main_loop(compiled.asm['cubin']))
         rows.append(f'{name:<28} {report["registers"]:>9} {report["spill_stores"]:>12} {report["spill_loads"]:>11} '
                     f'{report["stack_frame"]:>11} {compiled.metadata.shared:>13} {report["loop_instructions"]:>11} '
                     f'{report["loop_exp2"]:>9}')
-    print(f'na2d kernels, kernel {args.kernel_size}, head dim {args.head_dim}, {args.dtype}, sm_{args.arch}, '
+    print(f'na2d kernels, kernel {args.kernel_size}, dilation {args.dilation}, head dim {args.head_dim}, '
+          f'{args.dtype}, sm_{args.arch}, '
           f'{warps} warp{"s" if warps > 1 else ""}, triton {triton.__version__}')
     print(f'{"kernel":<28} {"registers":>9} {"spill st. B":>12} {"spill ld. B":>11} {"stack B":>11} '
           f'{"shared B":>13} {"loop instr":>11} {"loop ex2":>9}')

@@ -11,11 +11,11 @@ SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'kernel_report.py'
 def test_reports_registers_and_spills_of_a_kernel_compiled_for_sm90():
     # compiling needs Triton's real JIT, not the interpreter the test session runs kernels in
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    out = subprocess.run([sys.executable, str(SCRIPT), '--only', 'no rpb', '--kernel-size', '5', '--head-dim', '16'],
-                         capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run([sys.executable, str(SCRIPT), '--only', 'no rpb', '--kernel-size', '5', '--head-dim', '16',
+                          '--dilation', '2'], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert 'kernel 5, head dim 16, bf16, sm_90' in lines[0]
+    assert 'kernel 5, dilation 2, head dim 16, bf16, sm_90' in lines[0]
     rows = [line for line in lines[2:] if line.strip()]
     assert len(rows) == 1 and rows[0].startswith('forward, no rpb')
     registers, spill_stores, spill_loads, stack, shared, loop, loop_exp2 = map(int, re.findall(r'\d+', rows[0]))
