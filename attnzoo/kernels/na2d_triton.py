@@ -10,10 +10,12 @@ of the tile lie inside a halo of ``(TH + kh - 1) x (TW + kw - 1)`` keys (window 
 most one per step, also where they are clamped at the borders), which the program reads once, a
 step of halo rows at a time (one row where it holds 16 keys) and only the rows its windows reach,
 with an online softmax; pairs outside a
-query's window are masked. What depends on columns alone (which halo columns are in each query's
-window, the column part of each bias index) is the same for every halo row, so it is computed once
-per program and each row adds only per-query tests. It stores the output and the base-2
-log-sum-exp of every row for the backward.
+query's window are masked. Which halo columns are in each query's window is the same for every
+halo row, so it is computed once per program and each row adds only per-query tests. The bias of a
+step depends only on where the step's halo rows and columns lie relative to the tile, so the bias
+table is laid out once per call as one contiguous (queries x keys) block per such offset
+(``_bias_blocks_of``), and a step loads its block without an index per pair. It stores the output
+and the base-2 log-sum-exp of every row for the backward.
 
 Backward: a query-tile program recomputes the probabilities from the log-sum-exp and writes dq,
 ``D = rowsum(dO * O)`` and a per-program partial sum of d(rpb); a key-tile program loops over
@@ -104,16 +106,26 @@ def _query_tile(pid, H, W, DH, DW, NT_R, NT_C,
 
 
 @triton.jit
-def _halo_columns(qc, ws_c, hs_c, q_valid, KW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr,
-                  PW: tl.constexpr, RW: tl.constexpr):
+def _halo_columns(ws_c, hs_c, q_valid, KW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr):
     """The column side of a step of ``CH`` halo rows, the same for every step of a program, so
     computed once: for each (query, halo position) whether the query is valid and the key's column
-    in its window, and the pair's offset in the padded bias table apart from the step's first row."""
-    ki = tl.arange(0, CH * HW)
-    kc = hs_c + ki % HW
-    col_in = (kc[None, :] >= ws_c[:, None]) & (kc[None, :] < ws_c[:, None] + KW) & q_valid[:, None]
-    bias_off = (ki // HW)[None, :] * RW + (kc[None, :] - qc[:, None] + KW - 1 + PW)
-    return col_in, bias_off
+    in its window."""
+    kc = hs_c + tl.arange(0, CH * HW) % HW
+    return (kc[None, :] >= ws_c[:, None]) & (kc[None, :] < ws_c[:, None] + KW) & q_valid[:, None]
+
+
+@triton.jit
+def _bias_blocks(BIAS, n, tr, tc, hs_c, KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                 CH: tl.constexpr, HW: tl.constexpr):
+    """Pointers to the bias block of a program's step from halo row 0 (add the step's first halo
+    row, counted from the tile's first query row, times ``KW`` blocks), and the offsets within a
+    block. The blocks (``_bias_blocks_of``) hold each step's (query, key) bias contiguously, so a
+    step loads them without an index per pair; their queries run in reverse order."""
+    block = TH * TW * CH * HW
+    # a program's blocks: its head's, at its halo's column offset from the tile
+    base = BIAS + n * ((TH + 2 * KH - 2) * KW * block) + (hs_c - tc * TW + KW - 1) * block
+    offsets = (TH * TW - 1 - tl.arange(0, TH * TW))[:, None] * (CH * HW) + tl.arange(0, CH * HW)[None, :]
+    return base + (KH - 1 - tr * TH) * (KW * block), offsets
 
 
 @triton.jit
@@ -136,9 +148,9 @@ def _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, kr0, hs_c, le
 
 
 @triton.jit
-def _halo_scores(q, k, qr, ws_r, kr0, col_in, bias_off, rpb_base, qk_scale,
-                 KH: tl.constexpr, KW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr,
-                 RW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _halo_scores(q, k, ws_r, kr0, col_in, bias_base, bias_off, qk_scale,
+                 KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, CH: tl.constexpr,
+                 HW: tl.constexpr, HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Base-2 scores of the queries against halo rows from ``kr0``, bias included, and which pairs
     are in a window. The row tests are per query (and per step row): the column side is precomputed."""
     s = _mma(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
@@ -149,15 +161,14 @@ def _halo_scores(q, k, qr, ws_r, kr0, col_in, bias_off, rpb_base, qk_scale,
         rel2 = rel[:, None] + (tl.arange(0, CH * HW) // HW)[None, :]
         inside = (rel2 >= 0) & (rel2 < KH) & col_in
     if HAS_RPB:
-        # every pair of the step lies in the padded table, in a window or not: an unmasked load
-        bias = tl.load(rpb_base + ((kr0 - qr + KH - 1 + PH) * RW)[:, None] + bias_off)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        # one contiguous block per step, already in base 2: pairs outside a window have entries too
+        s += tl.load(bias_base + kr0 * (KW * TH * TW * CH * HW) + bias_off)
     return s, inside
 
 
 @triton.jit
 def _na2d_fwd_kernel(
-        Q, K, V, RPB, OUT, LSE,
+        Q, K, V, BIAS, OUT, LSE,
         sqb, sqh, sqw, sqn,
         skb, skh, skw, skn,
         svb, svh, svw, svn,
@@ -166,7 +177,7 @@ def _na2d_fwd_kernel(
         qk_scale,
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-        CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, RW: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr,
         HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # a compiled graph passes Python floats as float64; the scores and their row statistics stay float32
@@ -181,10 +192,10 @@ def _na2d_fwd_kernel(
     dv = tl.arange(0, BLOCK_DV)
     q_ptrs = Q + b * sqb + n * sqn + (q_row * sqh + q_col * sqw)[:, None] + d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
-    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, CH, HW, PW, RW)
+    col_in = _halo_columns(ws_c, hs_c, q_valid, KW, CH, HW)
+    bias_base, bias_off = _bias_blocks(BIAS, n, tr, tc, hs_c, KH, KW, TH, TW, CH, HW)
     k_base = K + b * skb + n * skn
     v_base = V + b * svb + n * svn
-    rpb_base = RPB + n * (2 * KH - 1 + 2 * PH) * RW
 
     m_i = tl.full([TH * TW], float('-inf'), tl.float32)
     l_i = tl.zeros([TH * TW], tl.float32)
@@ -194,8 +205,8 @@ def _na2d_fwd_kernel(
     for c in tl.range(0, n_rows, CH):
         k, v = _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r + c, hs_c, len_r, len_c,
                           HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, CH, HW)
-        s, inside = _halo_scores(q, k, qr, ws_r, hs_r + c, col_in, bias_off, rpb_base, qk_scale,
-                                 KH, KW, CH, HW, PH, RW, HAS_RPB, PRECISION, UPCAST)
+        s, inside = _halo_scores(q, k, ws_r, hs_r + c, col_in, bias_base, bias_off, qk_scale,
+                                 KH, KW, TH, TW, CH, HW, HAS_RPB, PRECISION, UPCAST)
         s = tl.where(inside, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row can lie outside every window of some queries: keep those queries' state unchanged
@@ -215,7 +226,7 @@ def _na2d_fwd_kernel(
 
 @triton.jit
 def _na2d_bwd_dq_kernel(
-        Q, K, V, RPB, OUT, DO, LSE, DELTA, DQ, DRPB,
+        Q, K, V, BIAS, OUT, DO, LSE, DELTA, DQ, DRPB,
         sqb, sqh, sqw, sqn,
         skb, skh, skw, skn,
         svb, svh, svw, svn,
@@ -226,7 +237,7 @@ def _na2d_bwd_dq_kernel(
         qk_scale, scale,
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-        CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, RW: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr,
         BI: tl.constexpr, BJ: tl.constexpr,
         HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -250,10 +261,10 @@ def _na2d_bwd_dq_kernel(
     stat_off = bh.to(tl.int64) * H * W + q_row * W + q_col
     tl.store(DELTA + stat_off, delta, mask=q_valid)
     lse = tl.load(LSE + stat_off, mask=q_valid, other=0.)
-    col_in, bias_off = _halo_columns(qc, ws_c, hs_c, q_valid, KW, CH, HW, PW, RW)
+    col_in = _halo_columns(ws_c, hs_c, q_valid, KW, CH, HW)
+    bias_base, bias_off = _bias_blocks(BIAS, n, tr, tc, hs_c, KH, KW, TH, TW, CH, HW)
     k_base = K + b * skb + n * skn
     v_base = V + b * svb + n * svn
-    rpb_base = RPB + n * (2 * KH - 1 + 2 * PH) * RW
 
     dq = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     if RPB_GRAD:
@@ -263,8 +274,8 @@ def _na2d_bwd_dq_kernel(
     for c in tl.range(0, n_rows, CH):
         k, v = _halo_rows(k_base, v_base, skh, skw, svh, svw, gr, gc, DH, DW, hs_r + c, hs_c, len_r, len_c,
                           HEAD_DIM, V_DIM, BLOCK_D, BLOCK_DV, CH, HW)
-        s, inside = _halo_scores(q, k, qr, ws_r, hs_r + c, col_in, bias_off, rpb_base, qk_scale,
-                                 KH, KW, CH, HW, PH, RW, HAS_RPB, PRECISION, UPCAST)
+        s, inside = _halo_scores(q, k, ws_r, hs_r + c, col_in, bias_base, bias_off, qk_scale,
+                                 KH, KW, TH, TW, CH, HW, HAS_RPB, PRECISION, UPCAST)
         p = tl.where(inside, tl.exp2(s - lse[:, None]), 0.)
         dp = _mma(do, tl.trans(v), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
@@ -407,6 +418,25 @@ def _kernel_operands(q, k, v, rpb, launch):
     return _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v), rpb
 
 
+def _bias_blocks_of(table: torch.Tensor, launch: '_Launch', ch: int) -> torch.Tensor:
+    """The bias of every step a query-tile program can take, in base 2, each step's (query, key)
+    pairs one contiguous block: ``(heads, TH + 2 KH - 2, KW, TH * TW, ch * HW)``, by the step's
+    first halo row counted from the tile's first query row (from 1 - KH), the halo's first column
+    counted from the tile's (from 1 - KW), then the queries in reverse order and the step's keys.
+
+    ``table`` is the padded bias table. The blocks are one strided view of it: a pair's entry is
+    (key row - query row, key col - query col), and with the queries reversed every index of the
+    view adds to both, so no index tensor is needed."""
+    m = launch.meta
+    th, tw, kh, kw, hw = m['TH'], m['TW'], m['KH'], m['KW'], m['HW']
+    ph, pw = launch.bias_pad
+    heads, rs, cs = table.stride()
+    view = table.as_strided((table.shape[0], th + 2 * kh - 2, kw, th, tw, ch, hw), (heads, rs, cs, rs, cs, rs, cs),
+                            table.storage_offset() + (ph - th + 1) * rs + (pw - tw + 1) * cs)
+    # multiplied into a contiguous tensor: `view * c` would follow the view's strides
+    return torch.mul(view, _LOG2E, out=torch.empty(view.shape, dtype=table.dtype, device=table.device))
+
+
 class _Launch:
     """Grid and compile-time constants shared by the three kernels for one call's shapes.
 
@@ -444,14 +474,19 @@ class _Launch:
         # program, in a window or not (the offsets reach a tile and a step of rows, or a tile and a
         # halo width, past a window on either side)
         self.bias_pad = (th + max(self.meta['CH'], bwd_rows) - 2, tw + halo_w - 2)
-        pads = dict(PH=self.bias_pad[0], PW=self.bias_pad[1], RW=2 * kw - 1 + 2 * self.bias_pad[1])
-        self.meta.update(pads)
         self.bwd_meta = dict(self.meta, CH=bwd_rows)
+        # dk/dv gathers from the padded table itself
+        self.dkdv_meta = dict(self.bwd_meta, PH=self.bias_pad[0], PW=self.bias_pad[1],
+                              RW=2 * kw - 1 + 2 * self.bias_pad[1])
         # one warp per 16 queries: a tile's rows are the M side of its tl.dot products
         self.num_warps = max(1, th * tw // 16)
-        # the backward's loops are not software-pipelined: on an H200 the prefetch costs the two
-        # kernels more than it hides (dq 0.55 -> 0.44 ms, dk/dv 0.62 -> 0.40 ms at B128 h2 56x56 k7)
-        self.bwd_stages = 1
+        # two stages: on an H200 the forward ran 0-8% faster than with Triton's three (B128 h2 56x56
+        # k7 dil 8: 0.178 -> 0.170 ms), with a third less shared memory
+        self.fwd_stages = 2
+        # pipelining depth of the backward's loops, measured on an H200 at the one-warp tiles: dq's
+        # prefetch of the next halo rows pays (two stages: backward 0.726 -> 0.640 ms at B128 h2
+        # 56x56 k7), dk/dv's of the next queries does not (0.640 -> 0.675)
+        self.dq_stages, self.dkdv_stages = 2, 1
 
 
 @functools.lru_cache(maxsize=512)
@@ -475,15 +510,15 @@ def _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=_direct):
     """The forward launch. ``wrap`` is applied to each kernel before its launch: the registered ops
     pass ``torch.library.wrap_triton``, so that a compiled graph launches the kernel itself."""
     launch = _launch(q, v, kh, kw, dh, dw)
-    q, k, v, rpb = _kernel_operands(q, k, v, rpb, launch)
+    q, k, v, table = _kernel_operands(q, k, v, rpb, launch)
     B, H, W, heads, _ = q.shape
     out = _empty((B, H, W, heads, v.shape[-1]), q.dtype, q.device)
     lse = _empty((B, heads, H, W), torch.float32, q.device)
     wrap(_na2d_fwd_kernel)[launch.grid](
-        q, k, v, rpb if rpb is not None else q, out, lse,
+        q, k, v, _bias_blocks_of(table, launch, launch.meta['CH']) if rpb is not None else q, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *launch.dims, scale * _LOG2E,
-        HAS_RPB=rpb is not None, num_warps=launch.num_warps, **launch.meta)
+        HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.fwd_stages, **launch.meta)
     return out, lse
 
 
@@ -496,18 +531,18 @@ def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad,
     delta = _empty(lse.shape, lse.dtype, lse.device)
     bi, bj = launch.bias_block
     partial = _empty((B * heads * launch.grid[0], bi, bj) if rpb_grad else (1,), torch.float32, q.device)
-    rpb_arg = rpb_padded if rpb is not None else q
     wrap(_na2d_bwd_dq_kernel)[launch.grid](
-        q, k, v, rpb_arg, out, grad_out, lse, delta, dq, partial,
+        q, k, v, _bias_blocks_of(rpb_padded, launch, launch.bwd_meta['CH']) if rpb is not None else q,
+        out, grad_out, lse, delta, dq, partial,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         *launch.dims, scale * _LOG2E, scale,
         BI=bi, BJ=bj, HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad,
-        num_warps=launch.num_warps, num_stages=launch.bwd_stages, **launch.bwd_meta)
+        num_warps=launch.num_warps, num_stages=launch.dq_stages, **launch.bwd_meta)
     wrap(_na2d_bwd_dkdv_kernel)[launch.grid](
-        q, k, v, rpb_arg, grad_out, lse, delta, dk, dv,
+        q, k, v, rpb_padded if rpb is not None else q, grad_out, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *launch.dims, scale * _LOG2E, scale,
-        HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.bwd_stages, **launch.bwd_meta)
+        HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.dkdv_stages, **launch.dkdv_meta)
     if rpb_grad:
         # the table cut out before the sum, whose result is dense, as the fake implementation says
         # (compiled graphs check outputs' strides against it), without a copy
