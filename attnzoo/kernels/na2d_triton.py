@@ -430,11 +430,13 @@ def _bias_blocks_of(table: torch.Tensor, launch: '_Launch', ch: int) -> torch.Te
     m = launch.meta
     th, tw, kh, kw, hw = m['TH'], m['TW'], m['KH'], m['KW'], m['HW']
     ph, pw = launch.bias_pad
+    table = table * _LOG2E
     heads, rs, cs = table.stride()
     view = table.as_strided((table.shape[0], th + 2 * kh - 2, kw, th, tw, ch, hw), (heads, rs, cs, rs, cs, rs, cs),
-                            table.storage_offset() + (ph - th + 1) * rs + (pw - tw + 1) * cs)
-    # multiplied into a contiguous tensor: `view * c` would follow the view's strides
-    return torch.mul(view, _LOG2E, out=torch.empty(view.shape, dtype=table.dtype, device=table.device))
+                            (ph - th + 1) * rs + (pw - tw + 1) * cs)
+    # copied out densely, as the kernels index it: an elementwise op on the view would keep its
+    # strides (an `out=` buffer does not survive a traced graph's functionalization either)
+    return view.contiguous()
 
 
 class _Launch:

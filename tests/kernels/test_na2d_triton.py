@@ -187,6 +187,9 @@ _TRACE_OPS = textwrap.dedent("""
         if node.target is triton_kernel_wrapper_functional:
             kernel = kernel_side_table.get_kernel(node.kwargs['kernel_idx'])
             print(kernel.fn.__name__, all(isinstance(n, torch.fx.Node) for n in node.kwargs['grid'][0][:2]))
+            # the kernels index their bias operand densely: the graph must hand it over contiguous
+            bias = node.kwargs['kwargs'].get('BIAS', node.kwargs['kwargs'].get('RPB'))
+            print(bias.meta['val'].is_contiguous())
 """)
 
 
@@ -196,8 +199,8 @@ def test_compile_traces_into_the_kernels_with_dynamic_shapes():
     env = {key: value for key, value in os.environ.items() if key != 'TRITON_INTERPRET'}
     run = subprocess.run([sys.executable, '-c', _TRACE_OPS], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ['_na2d_fwd_kernel', 'True', '_na2d_bwd_dq_kernel', 'True',
-                                  '_na2d_bwd_dkdv_kernel', 'True']
+    assert run.stdout.split() == ['_na2d_fwd_kernel', 'True', 'True', '_na2d_bwd_dq_kernel', 'True', 'True',
+                                  '_na2d_bwd_dkdv_kernel', 'True', 'True']
 
 
 @pytest.mark.parametrize('with_rpb', [True, False])
