@@ -115,17 +115,22 @@ def _halo_columns(ws_c, hs_c, q_valid, KW: tl.constexpr, CH: tl.constexpr, HW: t
 
 
 @triton.jit
-def _bias_blocks(BIAS, n, tr, tc, hs_c, KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                 CH: tl.constexpr, HW: tl.constexpr):
+def _bias_blocks(BIAS, n, tr, tc, hs_r, hs_c, KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr,
+                 TW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr):
     """Pointers to the bias block of a program's step from halo row 0 (add the step's first halo
     row, counted from the tile's first query row, times ``KW`` blocks), and the offsets within a
     block. The blocks (``_bias_blocks_of``) hold each step's (query, key) bias contiguously, so a
     step loads them without an index per pair; their queries run in reverse order."""
     block = TH * TW * CH * HW
-    # a program's blocks: its head's, at its halo's column offset from the tile
-    base = BIAS + n * ((TH + 2 * KH - 2) * KW * block) + (hs_c - tc * TW + KW - 1) * block
+    # the halo's offsets from the tile. A tile past the end of a shorter dilation group has no
+    # valid query and its halo lies further back than the blocks reach: clamped, its loads stay in
+    # the tensor (the values are masked)
+    first_row = tl.maximum(hs_r - tr * TH, 1 - KH)
+    first_col = tl.maximum(hs_c - tc * TW, 1 - KW)
+    # a program's blocks: its head's, at its halo's column offset
+    base = BIAS + n * ((TH + 2 * KH - 2) * KW * block) + (first_col + KW - 1) * block
     offsets = (TH * TW - 1 - tl.arange(0, TH * TW))[:, None] * (CH * HW) + tl.arange(0, CH * HW)[None, :]
-    return base + (KH - 1 - tr * TH) * (KW * block), offsets
+    return base + (first_row - hs_r + KH - 1) * (KW * block), offsets
 
 
 @triton.jit
@@ -193,7 +198,7 @@ def _na2d_fwd_kernel(
     q_ptrs = Q + b * sqb + n * sqn + (q_row * sqh + q_col * sqw)[:, None] + d[None, :]
     q = tl.load(q_ptrs, mask=q_valid[:, None] & (d[None, :] < HEAD_DIM), other=0.)
     col_in = _halo_columns(ws_c, hs_c, q_valid, KW, CH, HW)
-    bias_base, bias_off = _bias_blocks(BIAS, n, tr, tc, hs_c, KH, KW, TH, TW, CH, HW)
+    bias_base, bias_off = _bias_blocks(BIAS, n, tr, tc, hs_r, hs_c, KH, KW, TH, TW, CH, HW)
     k_base = K + b * skb + n * skn
     v_base = V + b * svb + n * svn
 
@@ -262,7 +267,7 @@ def _na2d_bwd_dq_kernel(
     tl.store(DELTA + stat_off, delta, mask=q_valid)
     lse = tl.load(LSE + stat_off, mask=q_valid, other=0.)
     col_in = _halo_columns(ws_c, hs_c, q_valid, KW, CH, HW)
-    bias_base, bias_off = _bias_blocks(BIAS, n, tr, tc, hs_c, KH, KW, TH, TW, CH, HW)
+    bias_base, bias_off = _bias_blocks(BIAS, n, tr, tc, hs_r, hs_c, KH, KW, TH, TW, CH, HW)
     k_base = K + b * skb + n * skn
     v_base = V + b * svb + n * svn
 

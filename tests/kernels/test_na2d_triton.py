@@ -112,6 +112,46 @@ def test_every_output_element_is_written(monkeypatch):
     assert all(torch.isfinite(t).all() for t in written)
 
 
+@pytest.mark.skipif(not na2d_triton._INTERPRETING, reason="instruments Triton's interpreter")
+@pytest.mark.parametrize('tiles', [(8, 8), (8, 2), (4, 4)])
+def test_every_access_stays_inside_the_tensors(monkeypatch, tiles):
+    # the interpreter reads any address it is given; on a GPU one outside an allocation kills the
+    # process. Check every unmasked load and store against the kernel's own tensors. The maps are
+    # dilated so that a group is shorter than the tile grid: a trailing tile then has no valid query
+    # and a halo before its group's end (bias blocks once indexed from it, past their tensor).
+    from triton.runtime import interpreter
+    spans = []
+    init_args = interpreter.GridExecutor._init_args_hst
+
+    def record_spans(self, args, kwargs):
+        host_args, host_kwargs = init_args(self, args, kwargs)
+        spans[:] = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes() - t.storage_offset() * t.element_size())
+                    for t in list(host_args) + list(host_kwargs.values()) if isinstance(t, torch.Tensor)]
+        return host_args, host_kwargs
+
+    def checked(access):
+        def run(self, ptrs, *args):
+            mask = args[0] if access.__name__ == 'create_masked_load' else args[1]
+            used = ptrs.data[mask.data.astype(bool)]
+            # raised before the access: the interpreter would read or write the address as it is
+            assert not used.size or any(start <= used.min() and used.max() < end for start, end in spans), \
+                f'{access.__name__} outside the kernel\'s tensors'
+            return access(self, ptrs, *args)
+        return run
+
+    monkeypatch.setattr(interpreter.GridExecutor, '_init_args_hst', record_spans)
+    builder = interpreter.InterpreterBuilder
+    for name in ('create_masked_load', 'create_masked_store'):
+        monkeypatch.setattr(builder, name, checked(getattr(builder, name)))
+    monkeypatch.setattr(na2d_triton, '_tiles', lambda kh, kw: tiles)
+    na2d_triton._cached_launch.cache_clear()
+    try:
+        for shape, kernel_size, dilation in (((1, 17, 11, 16), 7, (2, 1)), ((1, 9, 13, 16), 3, (1, 2))):
+            _check_against_reference(shape, 2, kernel_size, dilation, True, torch.float32)
+    finally:
+        na2d_triton._cached_launch.cache_clear()
+
+
 def test_eager_function_and_registered_op_agree():
     # eager calls take a plain autograd.Function (a custom op's eager dispatch is slow), traced
     # calls the registered op: the same kernels, so the same values and gradients
