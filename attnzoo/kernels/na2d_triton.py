@@ -117,10 +117,10 @@ def _halo_columns(ws_c, hs_c, q_valid, KW: tl.constexpr, CH: tl.constexpr, HW: t
 @triton.jit
 def _bias_blocks(BIAS, n, tr, tc, hs_r, hs_c, KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr,
                  TW: tl.constexpr, CH: tl.constexpr, HW: tl.constexpr):
-    """Pointers to the bias block of a program's step from halo row 0 (add the step's first halo
-    row, counted from the tile's first query row, times ``KW`` blocks), and the offsets within a
-    block. The blocks (``_bias_blocks_of``) hold each step's (query, key) bias contiguously, so a
-    step loads them without an index per pair; their queries run in reverse order."""
+    """A pointer to which a step adds its first halo row (in group steps) times ``KW`` blocks to
+    reach its bias block, and the offsets within a block. The blocks (``_bias_blocks_of``) hold
+    each step's (query, key) bias contiguously, so a step loads them without an index per pair;
+    their queries run in reverse order."""
     block = TH * TW * CH * HW
     # the halo's offsets from the tile. A tile past the end of a shorter dilation group has no
     # valid query and its halo lies further back than the blocks reach: clamped, its loads stay in
