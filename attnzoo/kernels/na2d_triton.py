@@ -384,8 +384,7 @@ def _na2d_bwd_dkdv_kernel(
             inside = (rel >= 0) & (rel < KH) & (qr <= last_r)[None, :] & col_in
             if HAS_RPB:
                 bias_idx = bias_col - (r0 * RW - (KH - 1 + PH) * RW - (KW - 1 + PW))
-                bias = tl.load(rpb_base + bias_idx)  # in the padded table whether inside or not
-                st += bias.to(tl.float32) * 1.4426950408889634
+                st += tl.load(rpb_base + bias_idx)  # in the padded table whether inside or not
             pt = tl.where(inside, tl.exp2(st - lse[None, :]), 0.)
             dv_acc += _mma(pt.to(do.dtype), do, PRECISION, UPCAST)
             dpt = _mma(v, tl.trans(do), PRECISION, UPCAST)
@@ -414,33 +413,33 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_operands(q, k, v, rpb, launch):
-    """q, k, v with a dense last dim (the kernels take any other strides) and the bias table padded
-    with zeros, so that every (query, halo key) pair a program scores has an entry: the kernels
-    then load the bias of a whole step without a mask (pairs outside a window are masked after)."""
+    """q, k, v with a dense last dim (the kernels take any other strides) and the bias table in
+    base 2 and float32, as the scores are, padded with zeros so that every (query, halo key) pair a
+    program scores has an entry: the kernels then load the bias of a whole step without a mask
+    (pairs outside a window are masked after)."""
     if rpb is not None:
         ph, pw = launch.bias_pad
-        rpb = torch.nn.functional.pad(rpb, (pw, pw, ph, ph))
+        rpb = torch.nn.functional.pad(rpb.float() * _LOG2E, (pw, pw, ph, ph))
     return _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v), rpb
 
 
 def _bias_blocks_of(table: torch.Tensor, launch: '_Launch', ch: int) -> torch.Tensor:
-    """The bias of every step a query-tile program can take, in base 2, each step's (query, key)
+    """The bias of every step a query-tile program can take, each step's (query, key)
     pairs one contiguous block: ``(heads, TH + 2 KH - 2, KW, TH * TW, ch * HW)``, by the step's
     first halo row counted from the tile's first query row (from 1 - KH), the halo's first column
     counted from the tile's (from 1 - KW), then the queries in reverse order and the step's keys.
 
-    ``table`` is the padded bias table. The blocks are one strided view of it: a pair's entry is
-    (key row - query row, key col - query col), and with the queries reversed every index of the
-    view adds to both, so no index tensor is needed."""
+    ``table`` is the padded bias table of ``_kernel_operands``. The blocks are one strided view of
+    it: a pair's entry is (key row - query row, key col - query col), and with the queries reversed
+    every index of the view adds to both, so no index tensor is needed."""
     m = launch.meta
     th, tw, kh, kw, hw = m['TH'], m['TW'], m['KH'], m['KW'], m['HW']
     ph, pw = launch.bias_pad
-    table = table * _LOG2E
     heads, rs, cs = table.stride()
     view = table.as_strided((table.shape[0], th + 2 * kh - 2, kw, th, tw, ch, hw), (heads, rs, cs, rs, cs, rs, cs),
-                            (ph - th + 1) * rs + (pw - tw + 1) * cs)
-    # copied out densely, as the kernels index it: an elementwise op on the view would keep its
-    # strides (an `out=` buffer does not survive a traced graph's functionalization either)
+                            table.storage_offset() + (ph - th + 1) * rs + (pw - tw + 1) * cs)
+    # copied out densely, as the kernels index it; `.contiguous()` keeps that layout in a traced
+    # graph too (an `out=` buffer does not survive its functionalization)
     return view.contiguous()
 
 
