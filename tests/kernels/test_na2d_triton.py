@@ -69,21 +69,28 @@ def test_triton_matches_reference_float32(shape, heads, kernel_size, dilation, w
     _check_against_reference(shape, heads, kernel_size, dilation, with_rpb, torch.float32)
 
 
+@pytest.fixture
+def query_tiles(monkeypatch):
+    """Sets the query tile the kernels launch with; launches cached for another tile are dropped
+    when it is set and after the test."""
+    def use(tiles):
+        monkeypatch.setattr(na2d_triton, '_tiles', lambda kh, kw: tiles)
+        na2d_triton._cached_launch.cache_clear()
+    yield use
+    na2d_triton._cached_launch.cache_clear()
+
+
 @pytest.mark.parametrize('tiles,shape,kernel_size,dilation', [
     ((8, 8), (1, 17, 11, 16), 7, (2, 1)),  # four warps, a halo row of 16 keys per forward step
     ((16, 2), (1, 21, 9, 16), 7, 1),
     ((2, 8), (1, 10, 12, 16), 5, (1, 2)),
 ])
-def test_triton_other_query_tiles(monkeypatch, tiles, shape, kernel_size, dilation):
+def test_triton_other_query_tiles(query_tiles, tiles, shape, kernel_size, dilation):
     # the tile is a tuning choice: the kernels must stay exact for every tile they accept
-    monkeypatch.setattr(na2d_triton, '_tiles', lambda kh, kw: tiles)
-    na2d_triton._cached_launch.cache_clear()
-    try:
-        assert na2d_triton._launch(torch.empty(shape[:3] + (1, shape[3])), torch.empty(1), kernel_size,
-                                   kernel_size, 1, 1).meta['TW'] == tiles[1]
-        _check_against_reference(shape, 1, kernel_size, dilation, True, torch.float32)
-    finally:
-        na2d_triton._cached_launch.cache_clear()
+    query_tiles(tiles)
+    assert na2d_triton._launch(torch.empty(shape[:3] + (1, shape[3])), torch.empty(1), kernel_size,
+                               kernel_size, 1, 1).meta['TW'] == tiles[1]
+    _check_against_reference(shape, 1, kernel_size, dilation, True, torch.float32)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
@@ -114,7 +121,7 @@ def test_every_output_element_is_written(monkeypatch):
 
 @pytest.mark.skipif(not na2d_triton._INTERPRETING, reason="instruments Triton's interpreter")
 @pytest.mark.parametrize('tiles', [(8, 8), (8, 2), (4, 4)])
-def test_every_access_stays_inside_the_tensors(monkeypatch, tiles):
+def test_every_access_stays_inside_the_tensors(monkeypatch, query_tiles, tiles):
     # the interpreter reads any address it is given; on a GPU one outside an allocation kills the
     # process. Check every unmasked load and store against the kernel's own tensors. The maps are
     # dilated so that a group is shorter than the tile grid: a trailing tile then has no valid query
@@ -143,13 +150,9 @@ def test_every_access_stays_inside_the_tensors(monkeypatch, tiles):
     builder = interpreter.InterpreterBuilder
     for name in ('create_masked_load', 'create_masked_store'):
         monkeypatch.setattr(builder, name, checked(getattr(builder, name)))
-    monkeypatch.setattr(na2d_triton, '_tiles', lambda kh, kw: tiles)
-    na2d_triton._cached_launch.cache_clear()
-    try:
-        for shape, kernel_size, dilation in (((1, 17, 11, 16), 7, (2, 1)), ((1, 9, 13, 16), 3, (1, 2))):
-            _check_against_reference(shape, 2, kernel_size, dilation, True, torch.float32)
-    finally:
-        na2d_triton._cached_launch.cache_clear()
+    query_tiles(tiles)
+    for shape, kernel_size, dilation in (((1, 17, 11, 16), 7, (2, 1)), ((1, 9, 13, 16), 3, (1, 2))):
+        _check_against_reference(shape, 2, kernel_size, dilation, True, torch.float32)
 
 
 def test_eager_function_and_registered_op_agree():
