@@ -98,7 +98,7 @@ def na2d_kernels(kernel_size: int, head_dim: int, dtype: torch.dtype, dilation: 
     q, k, v = (torch.randn(2, size, size, 2, head_dim, dtype=dtype) for _ in range(3))
     rpb = torch.randn(2, 2 * kernel_size - 1, 2 * kernel_size - 1)
     window = (kernel_size, kernel_size, dilation, dilation, head_dim ** -0.5)
-    out, lse = na2d_triton._forward(q, k, v, rpb, *window, wrap=record)
+    out, lse, _ = na2d_triton._forward(q, k, v, rpb, *window, wrap=record)
     na2d_triton._forward(q, k, v, None, *window, wrap=record)
     na2d_triton._backward(torch.randn_like(out), q, k, v, rpb, out, lse, *window, True, wrap=record)
     names = ('forward, rpb', 'forward, no rpb', 'backward dq, rpb + d(rpb)', 'backward dk/dv, rpb')

@@ -29,7 +29,7 @@ difference of the two, so the partial d(rpb) of a tile is ``A @ dS' @ B`` with o
 (query col, key col): two small matrix products instead of a scatter.
 """
 import functools
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -412,15 +412,28 @@ def _last_dim_dense(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _kernel_operands(q, k, v, rpb, launch):
-    """q, k, v with a dense last dim (the kernels take any other strides) and the bias table in
-    base 2 and float32, as the scores are, padded with zeros so that every (query, halo key) pair a
-    program scores has an entry: the kernels then load the bias of a whole step without a mask
-    (pairs outside a window are masked after)."""
-    if rpb is not None:
+def _kernel_operands(q, k, v):
+    """q, k, v with a dense last dim: the kernels take any other strides."""
+    return _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
+
+
+class _BiasTables:
+    """What the kernels read of one bias table for one launch: the table in base 2 and float32, as
+    the scores are, padded with zeros so that every (query, key) pair a program scores has an entry
+    and a step's bias loads need no mask (pairs outside a window are masked after); and the blocks
+    of the forward and of dq, built when first asked for (dq takes the forward's where both step
+    over the same number of halo rows). An eager forward hands its tables to its backward."""
+
+    def __init__(self, rpb: torch.Tensor, launch: '_Launch'):
         ph, pw = launch.bias_pad
-        rpb = torch.nn.functional.pad(rpb.float() * _LOG2E, (pw, pw, ph, ph))
-    return _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v), rpb
+        self.launch = launch
+        self.table = torch.nn.functional.pad(rpb.float() * _LOG2E, (pw, pw, ph, ph))
+        self._blocks: Dict[int, torch.Tensor] = {}
+
+    def blocks(self, ch: int) -> torch.Tensor:
+        if ch not in self._blocks:
+            self._blocks[ch] = _bias_blocks_of(self.table, self.launch, ch)
+        return self._blocks[ch]
 
 
 def _bias_blocks_of(table: torch.Tensor, launch: '_Launch', ch: int) -> torch.Tensor:
@@ -429,7 +442,7 @@ def _bias_blocks_of(table: torch.Tensor, launch: '_Launch', ch: int) -> torch.Te
     first halo row counted from the tile's first query row (from 1 - KH), the halo's first column
     counted from the tile's (from 1 - KW), then the queries in reverse order and the step's keys.
 
-    ``table`` is the padded bias table of ``_kernel_operands``. The blocks are one strided view of
+    ``table`` is the padded bias table of ``_BiasTables``. The blocks are one strided view of
     it: a pair's entry is (key row - query row, key col - query col), and with the queries reversed
     every index of the view adds to both, so no index tensor is needed."""
     m = launch.meta
@@ -513,24 +526,31 @@ def _direct(kernel):
 
 
 def _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=_direct):
-    """The forward launch. ``wrap`` is applied to each kernel before its launch: the registered ops
-    pass ``torch.library.wrap_triton``, so that a compiled graph launches the kernel itself."""
+    """The forward launch: the output, the row statistics and the bias tables it read (None without
+    a bias), which an eager backward takes over. ``wrap`` is applied to each kernel before its
+    launch: the registered ops pass ``torch.library.wrap_triton``, so that a compiled graph launches
+    the kernel itself."""
     launch = _launch(q, v, kh, kw, dh, dw)
-    q, k, v, table = _kernel_operands(q, k, v, rpb, launch)
+    q, k, v = _kernel_operands(q, k, v)
     B, H, W, heads, _ = q.shape
     out = _empty((B, H, W, heads, v.shape[-1]), q.dtype, q.device)
     lse = _empty((B, heads, H, W), torch.float32, q.device)
+    tables = _BiasTables(rpb, launch) if rpb is not None else None
     wrap(_na2d_fwd_kernel)[launch.grid](
-        q, k, v, _bias_blocks_of(table, launch, launch.meta['CH']) if rpb is not None else q, out, lse,
+        q, k, v, tables.blocks(launch.meta['CH']) if tables is not None else q, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *launch.dims, scale * _LOG2E,
         HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.fwd_stages, **launch.meta)
-    return out, lse
+    return out, lse, tables
 
 
-def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad, wrap=_direct):
+def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad, wrap=_direct, tables=None):
+    """The backward launches: dq, dk, dv and d(rpb). ``tables`` are the forward's bias tables where
+    it handed them over, else built here."""
     launch = _launch(q, v, kh, kw, dh, dw)
-    q, k, v, rpb_padded = _kernel_operands(q, k, v, rpb, launch)
+    q, k, v = _kernel_operands(q, k, v)
+    if rpb is not None and tables is None:
+        tables = _BiasTables(rpb, launch)
     grad_out = _last_dim_dense(grad_out)
     B, H, W, heads, _ = q.shape
     dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
@@ -538,14 +558,14 @@ def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad,
     bi, bj = launch.bias_block
     partial = _empty((B * heads * launch.grid[0], bi, bj) if rpb_grad else (1,), torch.float32, q.device)
     wrap(_na2d_bwd_dq_kernel)[launch.grid](
-        q, k, v, _bias_blocks_of(rpb_padded, launch, launch.bwd_meta['CH']) if rpb is not None else q,
+        q, k, v, tables.blocks(launch.bwd_meta['CH']) if rpb is not None else q,
         out, grad_out, lse, delta, dq, partial,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq),
         *launch.dims, scale * _LOG2E, scale,
         BI=bi, BJ=bj, HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad,
         num_warps=launch.num_warps, num_stages=launch.dq_stages, **launch.bwd_meta)
     wrap(_na2d_bwd_dkdv_kernel)[launch.grid](
-        q, k, v, rpb_padded if rpb is not None else q, grad_out, lse, delta, dk, dv,
+        q, k, v, tables.table if rpb is not None else q, grad_out, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
         *launch.dims, scale * _LOG2E, scale,
         HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.dkdv_stages, **launch.dkdv_meta)
@@ -577,7 +597,8 @@ def _na2d_forward_op(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: Optional[torch.Tensor],
         kh: int, kw: int, dh: int, dw: int, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=torch.library.wrap_triton)
+    out, lse, _ = _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=torch.library.wrap_triton)
+    return out, lse
 
 
 @_na2d_forward_op.register_fake
@@ -648,13 +669,14 @@ class _NA2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse = _forward(*inputs)
+        out, lse, ctx.bias_tables = _forward(*inputs)
         _setup_context(ctx, inputs, (out, lse))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        return _input_grads(ctx, grad_out, _backward)
+        # the forward's bias tables: building them again costs as much Python as a launch
+        return _input_grads(ctx, grad_out, functools.partial(_backward, tables=ctx.bias_tables))
 
 
 def na2d_fused(q, k, v, kh: int, kw: int, dh: int, dw: int, rpb: Optional[torch.Tensor], scale: float):

@@ -169,6 +169,23 @@ def test_eager_function_and_registered_op_agree():
     assert _rel(eager, na2d.reference(*(t.double() for t in inputs[:3]), 5, (1, 2), rpb.double(), 0.3)) < 1e-5
 
 
+def test_eager_backward_takes_the_forwards_bias_tables(monkeypatch):
+    # the padded bias table and its blocks cost as much Python as a launch: an eager forward hands
+    # the ones it built to its backward
+    built = []
+
+    class Counted(na2d_triton._BiasTables):
+        def __init__(self, *args):
+            super().__init__(*args)
+            built.append(self)
+
+    monkeypatch.setattr(na2d_triton, '_BiasTables', Counted)
+    (q, k, v), rpb = _inputs((1, 9, 10, 16), 16, 2, 5, True, torch.float32)
+    out = na2d_triton.na2d_fused(q, k, v, 5, 5, 1, 2, rpb, 0.3)
+    torch.autograd.grad(out, (q, k, v, rpb), torch.randn_like(out))
+    assert len(built) == 1
+
+
 def test_dispatch_picks_the_kernel_only_where_it_runs():
     q = torch.randn(1, 7, 7, 1, 16, device=DEVICE)
     with use_kernels('triton'):
