@@ -218,6 +218,25 @@ def time_iterations(step: Callable[[], Any], warmup: int, iters: int, device: to
     return times
 
 
+def time_graph_replays(step: Callable[[], Any], warmup: int, iters: int, device: torch.device,
+                       calls: int = 10) -> List[float]:
+    """GPU seconds per call of ``step`` on a CUDA device, the host's cost left out: ``calls`` calls
+    captured in one CUDA graph, replayed ``iters`` times between events. ``time_iterations`` keeps
+    the host in, as eager use does; a kernel comparison wants the GPU's own time."""
+    # capture wants the lazy work of first calls (allocations, compilation) done, off the default stream
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            step()
+    return [seconds / calls for seconds in time_iterations(graph.replay, 1, iters, device)]
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == 'cuda':
         gc.collect()
@@ -502,17 +521,18 @@ def run_models(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def format_kernel_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """One line per (case, method); x floor is time over the memory floor, x peer attnzoo over the best exact peer."""
-    header = (f'{"case":<44} {"method":<10} {"fwd ms":>8} {"TFLOP/s":>8} {"GB/s":>7} {"x floor":>8} '
-              f'{"f+b ms":>8} {"TFLOP/s":>8} {"GB/s":>7} {"x floor":>8}')
+    """One line per (case, method): per phase its time and what follows from it (TFLOP/s, GB/s of
+    the fewest bytes, times over the memory floor), then the time of eager calls back to back."""
+    phase = f'{"TFLOP/s":>8} {"GB/s":>7} {"x floor":>8} {"call ms":>8}'
+    header = f'{"case":<44} {"method":<10} {"fwd ms":>8} {phase} {"f+b ms":>8} {phase}'
     lines = [header, '-' * len(header)]
     for row in rows:
         head = f'{row["case_name"]:<44} {row["method"]:<10}'
         if row['error']:
             lines.append(f'{head} ! {row["error"]}')
             continue
-        cells = [f'{row[f"{p}_ms"]:8.3f} {row[f"{p}_tflops"]:8.1f} {row[f"{p}_gbs"]:7.0f} {row[f"{p}_x_floor"]:8.1f}'
-                 for p in ('fwd', 'fwd_bwd')]
+        cells = [f'{row[f"{p}_ms"]:8.3f} {row[f"{p}_tflops"]:8.1f} {row[f"{p}_gbs"]:7.0f} {row[f"{p}_x_floor"]:8.1f} '
+                 f'{row[f"{p}_call_ms"]:8.3f}' for p in ('fwd', 'fwd_bwd')]
         lines.append(f'{head} {cells[0]} {cells[1]}')
     return '\n'.join(lines)
 
@@ -524,18 +544,29 @@ def run_kernels(args: argparse.Namespace, argv: Sequence[str]) -> int:
     dtype = getattr(torch, args.dtype)
     cases = args.cases or kernel_bench.default_cases()
 
-    def timer(step: Callable[[], Any]) -> float:
+    def call_timer(step: Callable[[], Any]) -> float:
         return statistics.median(time_iterations(step, args.warmup, args.iters, device))
 
+    def gpu_timer(step: Callable[[], Any]) -> float:
+        return statistics.median(time_graph_replays(step, args.warmup, args.iters, device))
+
+    # on a GPU the kernels' own time comes from graph replays; on a CPU the host is the device
+    timers = (gpu_timer, call_timer) if device.type == 'cuda' else (call_timer, None)
     rows, ratios = [], []
     progress = tqdm(cases, desc='na2d', unit='case', file=sys.stderr) if tqdm is not None else cases
     for case in progress:
-        case_rows = kernel_bench.run_case(case, args.methods, dtype, device, timer, args.bandwidth)
+        case_rows = kernel_bench.run_case(case, args.methods, dtype, device, *timers, bandwidth_gbs=args.bandwidth)
         rows += case_rows
+        # flex compiles for each case's block mask into one shared code object: dropping the last
+        # case's graphs keeps the next below dynamo's recompile limit
+        torch.compiler.reset()
         ratios.append((case.name, *(kernel_bench.best_peer_ratio(case_rows, p) for p in ('fwd', 'fwd_bwd'))))
     print(f'na2d on {meta["gpu"] or meta["cpu"]} ({device}), torch {torch.__version__}, triton '
           f'{meta["versions"]["triton"]}, {args.dtype}, rpb on (sdpa, natten: none), warmup {args.warmup}, '
           f'iters {args.iters} (median), floor at {args.bandwidth:.0f} GB/s')
+    if device.type == 'cuda':
+        print('ms: GPU time per call, from CUDA-graph replays (host left out); call ms: eager calls back '
+              'to back (host included)')
     print(format_kernel_table(rows))
     print('attnzoo time / best exact peer (flex, natten): ' + '; '.join(
         f'{name}: {"-" if f is None else f"{f:.3f}"} / {"-" if b is None else f"{b:.3f}"}' for name, f, b in ratios))

@@ -1,6 +1,7 @@
 """scripts/benchmark.py end to end on CPU, at a size small enough for CI: one zoo model against its timm peer."""
 import importlib.util
 import json
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -110,7 +111,24 @@ def test_kernel_mode_times_na2d_and_its_peers(bench, tmp_path, capsys):
         assert row['fwd_bwd_tflops'] == pytest.approx(3.5 * flops / (row['fwd_bwd_ms'] / 1e3) / 1e12)
         # 4 tensors of 2*10*12*2*16 float32 forward; floor = bytes / 4.3 TB/s
         assert row['fwd_x_floor'] == pytest.approx(row['fwd_ms'] / 1e3 / (4 * 7680 * 4 / 4300e9))
+        # on a CPU the host is the device: one time per phase
+        assert row['fwd_call_ms'] == row['fwd_ms'] and row['fwd_bwd_call_ms'] == row['fwd_bwd_ms']
     assert 'B2 h2 10x12 d16 k3 dil2' in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU')
+def test_graph_replays_leave_the_host_out(bench):
+    # a step that keeps its host busy 2 ms for a few microseconds of GPU work: eager calls measure
+    # the host, replays of the captured graph the GPU
+    x = torch.zeros(1, device='cuda')
+
+    def step():
+        time.sleep(0.002)
+        x.add_(1)
+
+    device = torch.device('cuda')
+    assert min(bench.time_iterations(step, 1, 5, device)) > 1.5e-3
+    assert max(bench.time_graph_replays(step, 1, 5, device)) < 0.5e-3
 
 
 def test_kernel_mode_rejects_a_malformed_case(bench):

@@ -153,12 +153,15 @@ def run_case(
         dtype: torch.dtype,
         device: torch.device,
         timer: Callable[[Callable[[], Any]], float],
-        bandwidth_gbs: float,
+        call_timer: Optional[Callable[[Callable[[], Any]], float]] = None,
+        bandwidth_gbs: float = 4300.,
 ) -> List[Dict[str, Any]]:
-    """Time every method on one case: a row each with fwd / fwd+bwd ms, TFLOP/s, GB/s and x-floor.
+    """Time every method on one case: a row each with fwd / fwd+bwd ms, TFLOP/s, GB/s and x-floor,
+    and the time of calls as eager code makes them (``call_ms``).
 
-    ``timer(fn)`` returns the median seconds of ``fn``. A method that cannot run here (not
-    installed, out of memory, refuses the shape) gets its error in the row instead of numbers.
+    ``timer(fn)`` returns the median seconds of ``fn`` on the device; ``call_timer(fn)``, where the
+    two differ (a GPU's time and its host's), those of eager calls. A method that cannot run here
+    (not installed, out of memory, refuses the shape) gets its error in the row instead of numbers.
     """
     g = torch.Generator(device=device).manual_seed(0)
     shape = (case.batch, case.height, case.width, case.heads, case.head_dim)
@@ -189,6 +192,7 @@ def run_case(
                 row[f'{phase}_tflops'] = case.flops(backward) / seconds / 1e12
                 row[f'{phase}_gbs'] = case.min_bytes(backward, elt) / seconds / 1e9
                 row[f'{phase}_x_floor'] = seconds / floor
+                row[f'{phase}_call_ms'] = (call_timer(step) if call_timer else seconds) * 1e3
         except Exception as exc:  # a peer that cannot run is a row with its reason, not a failed run
             row['error'] = f'{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ""}'[:200]
         finally:
