@@ -13,7 +13,8 @@ Example:
         --amp --channels-last --compile both --json davit_shvit.json
 
 ``--mode kernels`` times neighborhood attention (``na2d``) against torch flex attention, dense SDPA and
-NATTEN where installed, forward and forward+backward, with TFLOP/s and GB/s against the memory floor:
+NATTEN where installed, forward and forward+backward, with TFLOP/s and GB/s against the memory floor.
+On a GPU the times are the GPU's own, from CUDA-graph replays; eager calls are timed beside them:
 
     python scripts/benchmark.py --mode kernels --json na2d.json
 """
