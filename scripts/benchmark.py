@@ -545,18 +545,18 @@ def run_kernels(args: argparse.Namespace, argv: Sequence[str]) -> int:
     dtype = getattr(torch, args.dtype)
     cases = args.cases or kernel_bench.default_cases()
 
-    def call_timer(step: Callable[[], Any]) -> float:
+    def eager_time(step: Callable[[], Any]) -> float:
         return statistics.median(time_iterations(step, args.warmup, args.iters, device))
 
-    def gpu_timer(step: Callable[[], Any]) -> float:
+    def graph_time(step: Callable[[], Any]) -> float:
         return statistics.median(time_graph_replays(step, args.warmup, args.iters, device))
 
     # on a GPU the kernels' own time comes from graph replays; on a CPU the host is the device
-    timers = (gpu_timer, call_timer) if device.type == 'cuda' else (call_timer, None)
+    timer, call_timer = (graph_time, eager_time) if device.type == 'cuda' else (eager_time, None)
     rows, ratios = [], []
     progress = tqdm(cases, desc='na2d', unit='case', file=sys.stderr) if tqdm is not None else cases
     for case in progress:
-        case_rows = kernel_bench.run_case(case, args.methods, dtype, device, *timers, bandwidth_gbs=args.bandwidth)
+        case_rows = kernel_bench.run_case(case, args.methods, dtype, device, timer, args.bandwidth, call_timer)
         rows += case_rows
         # flex compiles for each case's block mask into one shared code object: dropping the last
         # case's graphs keeps the next below dynamo's recompile limit

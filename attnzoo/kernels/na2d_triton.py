@@ -537,7 +537,7 @@ def _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=_direct):
     lse = _empty((B, heads, H, W), torch.float32, q.device)
     tables = _BiasTables(rpb, launch) if rpb is not None else None
     wrap(_na2d_fwd_kernel)[launch.grid](
-        q, k, v, tables.blocks(launch.meta['CH']) if tables is not None else q, out, lse,
+        q, k, v, tables.blocks(launch.meta['CH']) if rpb is not None else q, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         *launch.dims, scale * _LOG2E,
         HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.fwd_stages, **launch.meta)

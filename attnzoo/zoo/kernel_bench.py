@@ -153,8 +153,8 @@ def run_case(
         dtype: torch.dtype,
         device: torch.device,
         timer: Callable[[Callable[[], Any]], float],
+        bandwidth_gbs: float,
         call_timer: Optional[Callable[[Callable[[], Any]], float]] = None,
-        bandwidth_gbs: float = 4300.,
 ) -> List[Dict[str, Any]]:
     """Time every method on one case: a row each with fwd / fwd+bwd ms, TFLOP/s, GB/s and x-floor,
     and the time of calls as eager code makes them (``call_ms``).
