@@ -140,11 +140,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arch = f'sm_{args.arch}a' if args.arch == 90 else f'sm_{args.arch}'
     rows: List[str] = []
     kernels = na2d_kernels(args.kernel_size, args.head_dim, _DTYPES[args.dtype], args.dilation)
+    # the kernels of a call launch with one number of warps
     warps = args.num_warps or next(iter(kernels.values()))[2]['num_warps']
+    overrides = {} if args.num_warps is None else dict(num_warps=args.num_warps)
     for name, launch in kernels.items():
         if args.only and not any(word in name for word in args.only):
             continue
-        compiled = compile_launch(launch, args.arch, num_warps=warps)
+        compiled = compile_launch(launch, args.arch, **overrides)
         report = dict(ptxas_report(compiled.asm['ptx'], arch), **main_loop(compiled.asm['cubin']))
         rows.append(f'{name:<28} {report["registers"]:>9} {report["spill_stores"]:>12} {report["spill_loads"]:>11} '
                     f'{report["stack_frame"]:>11} {compiled.metadata.shared:>13} {report["loop_instructions"]:>11} '

@@ -320,7 +320,7 @@ def _na2d_bwd_dkdv_kernel(
         qk_scale, scale,
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-        CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, RW: tl.constexpr,
+        CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
         HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     # a compiled graph passes Python floats as float64; the scores and their row statistics stay float32
@@ -358,6 +358,8 @@ def _na2d_bwd_dkdv_kernel(
     dk = tl.zeros([TH * TW, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([TH * TW, BLOCK_DV], tl.float32)
     qi = tl.arange(0, CH * HW)
+    # the padded table's row length: the bias columns and PW zeros on either side
+    RW: tl.constexpr = 2 * KW - 1 + 2 * PW
     rpb_base = RPB + n * (2 * KH - 1 + 2 * PH) * RW
     # query columns outside, rows inside: the range of columns is at most HW wide but for the
     # largest kernels at the borders, so the column tests are computed once per program
@@ -495,8 +497,7 @@ class _Launch:
         self.bias_pad = (th + max(self.meta['CH'], bwd_rows) - 2, tw + halo_w - 2)
         self.bwd_meta = dict(self.meta, CH=bwd_rows)
         # dk/dv gathers from the padded table itself
-        self.dkdv_meta = dict(self.bwd_meta, PH=self.bias_pad[0], PW=self.bias_pad[1],
-                              RW=2 * kw - 1 + 2 * self.bias_pad[1])
+        self.dkdv_meta = dict(self.bwd_meta, PH=self.bias_pad[0], PW=self.bias_pad[1])
         # one warp per 16 queries: a tile's rows are the M side of its tl.dot products
         self.num_warps = max(1, th * tw // 16)
         # two stages: on an H200 the forward ran 0-8% faster than with Triton's three (B128 h2 56x56
