@@ -19,9 +19,10 @@ $(STAMP)-base: setup.cfg pyproject.toml | $(if $(VIRTUAL_ENV),,$(VENV)/bin/pytho
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# the tests cover the optional parts too (recipes, dense heads, medical), so they install every extra
 $(STAMP)-dev: setup.cfg pyproject.toml | $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[all]'
 	touch $@
 
 install: $(STAMP)-base
