@@ -1,4 +1,5 @@
 """NAT / DiNAT: (dilated) neighborhood attention, its transformer block, conv stem and downsampler."""
+from functools import partial
 from typing import Callable, Optional, Tuple, Type, Union
 
 import torch
@@ -9,6 +10,10 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, trunc_normal_
 from attnzoo.kernels import na2d
 
 __all__ = ['NeighborhoodAttention2d', 'NeighborhoodAttentionBlock', 'DoubleConvStem', 'ConvNormDownsample']
+
+# NAT's tokenizer and downsamplers normalise channels-last tokens with nn.LayerNorm, eps 1e-5; timm's
+# LayerNorm2d (the same computation on NCHW maps) defaults to eps 1e-6
+_nat_norm2d = partial(LayerNorm2d, eps=1e-5)
 
 
 class NeighborhoodAttention2d(nn.Module):
@@ -117,7 +122,7 @@ class DoubleConvStem(nn.Module):
             self,
             in_chs: int,
             out_chs: int,
-            norm_layer: Callable[[int], nn.Module] = LayerNorm2d,
+            norm_layer: Callable[[int], nn.Module] = _nat_norm2d,
     ):
         super().__init__()
         self.proj = nn.Sequential(
@@ -139,7 +144,7 @@ class ConvNormDownsample(nn.Module):
             self,
             in_chs: int,
             out_chs: int,
-            norm_layer: Callable[[int], nn.Module] = LayerNorm2d,
+            norm_layer: Callable[[int], nn.Module] = _nat_norm2d,
     ):
         super().__init__()
         self.reduction = nn.Conv2d(in_chs, out_chs, 3, 2, 1, bias=False)

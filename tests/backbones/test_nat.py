@@ -169,3 +169,25 @@ def test_small_maps_are_zero_padded_right_and_bottom_then_cropped():
     want = attn.proj(na2d(q, k, v, 5, (3, 2), attn.rpb).reshape(2, 15, 13, 16)[:, :9])
     with torch.no_grad():
         torch.testing.assert_close(attn(x), want)
+
+
+def test_stem_and_downsamplers_normalise_as_the_official_layer_norm_in_float64():
+    # the official tokenizer and downsamplers run nn.LayerNorm (eps 1e-5) on channels-last tokens;
+    # float64, so that an eps of 1e-6 (timm's LayerNorm2d default) stands out far above rounding
+    model = randomize_(timm.create_model('az_dinat_mini', **NARROW_MINI)).double().eval()
+    x = torch.randn(2, 3, 72, 60, dtype=torch.float64)
+
+    def layer_norm(y, norm):
+        y = F.layer_norm(y.permute(0, 2, 3, 1), y.shape[1:2], norm.weight, norm.bias, eps=1e-5)
+        return y.permute(0, 3, 1, 2)
+
+    with torch.no_grad():
+        stem = model.patch_embed
+        got, want = stem(x), layer_norm(stem.proj(x), stem.norm)
+        assert _rel_err(got, want) < 1e-12
+        for stage in model.stages[1:]:
+            down = stage.downsample
+            y = torch.randn(2, down.reduction.in_channels, 9, 8, dtype=torch.float64)
+            assert _rel_err(down(y), layer_norm(down.reduction(y), down.norm)) < 1e-12
+        y = torch.randn(2, model.num_features, 3, 2, dtype=torch.float64)
+        assert _rel_err(model.norm(y), layer_norm(y, model.norm)) < 1e-12
