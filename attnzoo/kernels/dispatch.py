@@ -1,14 +1,17 @@
-"""One switch between the PyTorch reference and the fused Triton implementation of every op.
+"""One switch between the PyTorch reference, the fused Triton kernel and the CPU path of every op.
 
 The mode comes from the environment variable ``ATTNZOO_KERNELS`` (read once, at import) and can be
 changed for a block of code with :func:`use_kernels` or for the process with :func:`set_kernel_mode`:
 
 * ``auto`` (default): the Triton kernel where the op has one and it supports the inputs (CUDA
-  tensors of a supported shape and dtype), the reference everywhere else. Never fails for lack of
-  a kernel.
-* ``reference``: always the plain PyTorch reference.
+  tensors of a supported shape and dtype), else the op's CPU path where it has one and the inputs
+  are CPU tensors, the reference everywhere else. Never fails for lack of a kernel.
+* ``reference``: always the plain PyTorch reference, the oracle.
 * ``triton``: the Triton kernel of every op that has one; an input that kernel cannot take raises
   a ``NotImplementedError`` that says why. Ops that have no Triton kernel yet run their reference.
+* ``cpu``: the CPU path of every op that has one (a formulation in plain PyTorch that is fast on
+  a CPU, e.g. ``na2d`` as dense attention over tiles), on whatever device the inputs are; an
+  input it cannot take raises a ``NotImplementedError``. Ops without one run their reference.
 """
 import contextlib
 import functools
@@ -17,7 +20,7 @@ from typing import Callable, Iterator, Optional
 
 __all__ = ['KERNEL_MODES', 'kernel_mode', 'set_kernel_mode', 'use_kernels', 'kernel_op', 'KernelOp']
 
-KERNEL_MODES = ('auto', 'reference', 'triton')
+KERNEL_MODES = ('auto', 'reference', 'triton', 'cpu')
 
 
 def _validate_mode(mode: str) -> str:
@@ -31,7 +34,7 @@ _mode = _validate_mode(os.environ.get('ATTNZOO_KERNELS', 'auto') or 'auto')
 
 
 def kernel_mode() -> str:
-    """The implementation mode in force: 'auto', 'reference' or 'triton'."""
+    """The implementation mode in force: 'auto', 'reference', 'triton' or 'cpu'."""
     return _mode
 
 
@@ -61,7 +64,7 @@ SupportsFn = Callable[..., Optional[str]]
 
 
 class KernelOp:
-    """A public op: its reference function, plus an optional Triton implementation.
+    """A public op: its reference function, plus optional Triton and CPU implementations.
 
     Calling the op runs the implementation the current mode selects. The reference is kept as
     ``op.reference`` so tests can always reach the oracle directly.
@@ -73,11 +76,19 @@ class KernelOp:
         self.reference = reference
         self.triton: Optional[Callable] = None
         self._triton_supports: Optional[SupportsFn] = None
+        self.cpu: Optional[Callable] = None
+        self._cpu_supports: Optional[SupportsFn] = None
 
     def register_triton(self, fn: Callable, supports: SupportsFn) -> None:
         """Plug in the fused implementation and the predicate telling which inputs it takes."""
         self.triton = fn
         self._triton_supports = supports
+
+    def register_cpu(self, fn: Callable, supports: SupportsFn) -> None:
+        """Plug in the CPU path and the predicate telling which inputs it takes (in mode 'auto' the
+        predicate is expected to refuse tensors that are not on the CPU)."""
+        self.cpu = fn
+        self._cpu_supports = supports
 
     def triton_unsupported_reason(self, *args, **kwargs) -> Optional[str]:
         """None when the Triton kernel takes these inputs, else a sentence saying why not."""
@@ -87,19 +98,22 @@ class KernelOp:
 
     def __call__(self, *args, **kwargs):
         mode = _mode
-        if mode != 'reference' and self.triton is not None:
-            reason = self._triton_supports(*args, **kwargs)
+        for impl, supports, impl_mode, title in (
+                (self.triton, self._triton_supports, 'triton', 'Triton'), (self.cpu, self._cpu_supports, 'cpu', 'CPU')):
+            if impl is None or mode not in ('auto', impl_mode):
+                continue
+            reason = supports(*args, **kwargs)
             if reason is None:
-                return self.triton(*args, **kwargs)
-            if mode == 'triton':
+                return impl(*args, **kwargs)
+            if mode == impl_mode:
                 raise NotImplementedError(
-                    f"ATTNZOO_KERNELS='triton' but the Triton {self.name} cannot take these inputs: {reason}. "
+                    f"ATTNZOO_KERNELS={impl_mode!r} but the {title} {self.name} cannot take these inputs: {reason}. "
                     f"Use mode 'auto' to fall back to the reference implementation.")
         return self.reference(*args, **kwargs)
 
     def __repr__(self) -> str:
-        impls = 'reference' + (', triton' if self.triton is not None else '')
-        return f'KernelOp({self.name}: {impls})'
+        impls = ['reference'] + [name for name in ('triton', 'cpu') if getattr(self, name) is not None]
+        return f'KernelOp({self.name}: {", ".join(impls)})'
 
 
 def kernel_op(reference: Callable) -> KernelOp:

@@ -5,6 +5,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .dispatch import kernel_mode, kernel_op
+from .na2d_cpu import na2d_tiled
 
 __all__ = ['na2d', 'axis_windows']
 
@@ -125,6 +126,10 @@ def na2d(
 
     Returns:
         ``(B, H, W, heads, v_dim)``, the attention output at every position.
+
+    Implementations (:mod:`attnzoo.kernels.dispatch`): this function is the reference, the oracle;
+    mode ``auto`` runs the fused Triton kernels on CUDA tensors and, on CPU tensors, the CPU path
+    (:mod:`attnzoo.kernels.na2d_cpu`: dense attention over tiles of queries and their key halos).
     """
     kh, kw, dh, dw = _check_args(q, k, v, kernel_size, dilation, rpb)
     B, H, W, heads, d = q.shape
@@ -171,3 +176,21 @@ def _fused_supports(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
 
 if _fused is not None:
     na2d.register_triton(_na2d_fused, _fused_supports)
+
+
+def _na2d_tiled(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    kh, kw, dh, dw = _check_args(q, k, v, kernel_size, dilation, rpb)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return na2d_tiled(q, k, v, kh, kw, dh, dw, rpb, scale)
+
+
+def _tiled_supports(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    _check_args(q, k, v, kernel_size, dilation, rpb)
+    # plain PyTorch, right on any device, but only the CPU lacks a faster path; asked for by name
+    # ('cpu') it runs wherever the inputs are
+    if q.device.type != 'cpu' and kernel_mode() != 'cpu':
+        return f'the tiled path serves CPU tensors in mode auto, got {q.device.type}'
+    return None
+
+
+na2d.register_cpu(_na2d_tiled, _tiled_supports)

@@ -90,3 +90,25 @@ def test_environment_variable_sets_the_mode():
     bad = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                          env={'ATTNZOO_KERNELS': 'fast', 'PATH': ''})
     assert bad.returncode != 0 and 'fast' in bad.stderr
+
+
+def test_cpu_path_sits_between_triton_and_reference():
+    """auto: Triton where it takes the input, else the CPU path where it does, else the reference;
+    'cpu' forces the CPU path and says why it cannot take an input."""
+    op, calls = _make_op()
+    op.register_cpu(lambda x: calls.append('cpu') or x * 2,
+                    supports=lambda x: None if x.dim() <= 3 else 'too many dims')
+    x2, x3, x4 = torch.randn(2, 3), torch.randn(2, 3, 4), torch.randn(2, 3, 4, 5)
+    for x in (x2, x3, x4):
+        torch.testing.assert_close(op(x), 2 * x)
+    assert calls == ['triton', 'cpu', 'reference']
+    calls.clear()
+    with use_kernels('cpu'):
+        op(x2)
+        with pytest.raises(NotImplementedError, match="'cpu'.*too many dims"):
+            op(x4)
+    with use_kernels('triton'):
+        with pytest.raises(NotImplementedError, match='3-D input'):
+            op(x3)
+    assert calls == ['cpu']
+    assert repr(op) == 'KernelOp(double: reference, triton, cpu)'
