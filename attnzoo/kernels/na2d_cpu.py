@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 __all__ = ['na2d_tiled']
 
-# Cost of a tile in units of one (query, key) score, fitted on DiNAT's layer shapes on a 2-core
-# Xeon (Sapphire Rapids, benchmarks/<date>-cpu-batch1): a fixed part per tile (the fused kernel's
-# per-block setup) and a part per halo key (gathering the key and value rows).
+# Cost of a tile in units of one (query, key) score, from timings of DiNAT's layer shapes on a
+# 2-core Xeon: a fixed part per tile (the fused kernel's per-block setup) and a part per halo key
+# (gathering its key and value rows).
 _TILE_COST = 1000.
 _KEY_COST = 4.
 
