@@ -3,7 +3,8 @@
 Used by ``scripts/benchmark.py --mode kernels``. Every method gets the same q, k, v ``(B, H, W,
 heads, head_dim)`` (and rpb where the method has one) and is timed forward and forward+backward:
 
-* ``attnzoo``: :func:`attnzoo.kernels.na2d` in the mode in force (``auto``: the fused kernel on CUDA).
+* ``attnzoo``: :func:`attnzoo.kernels.na2d` in the mode in force (``auto``: the fused kernel on CUDA,
+  the tiled CPU path on a CPU).
 * ``reference``: attnzoo's PyTorch reference (gathers ``k*k`` copies of k and v).
 * ``flex``: ``torch.nn.attention.flex_attention`` compiled, with a block mask built from the exact
   NATTEN<=0.14 neighbourhood (dilation groups, windows clamped at the borders) and the bias as a

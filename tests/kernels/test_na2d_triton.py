@@ -192,7 +192,7 @@ def test_dispatch_picks_the_kernel_only_where_it_runs():
         assert na2d.triton_unsupported_reason(q, q, q, 3) is None
     with use_kernels('auto'):
         reason = na2d.triton_unsupported_reason(q, q, q, 3)
-    # auto leaves the interpreter alone: on the CPU it runs the reference
+    # auto leaves the interpreter alone: on the CPU it runs the CPU path
     assert (reason is None) if DEVICE == 'cuda' else ('CUDA' in reason)
     assert 'share' in na2d_triton.fused_unsupported_reason(q, q.double(), q, 3, 3, None, allow_cpu=True)
     assert 'up to 13' in na2d_triton.fused_unsupported_reason(q, q, q, 15, 3, None, allow_cpu=True)
