@@ -1,4 +1,10 @@
-"""The catalogue: every registered ``az_*`` model, where its weights come from, what its paper reports."""
+"""The catalogue: every registered ``az_*`` model, where its weights come from, what its paper reports;
+Hub I/O (save, push, load with model cards) and the rebuild of task models from their arguments."""
 from .catalogue import ModelCard, list_models, model_card
+from .hub import eval_results_from, from_pretrained, make_model_card, push_to_hub, save_pretrained
+from .tasks import create_task_model
 
-__all__ = ['ModelCard', 'list_models', 'model_card']
+__all__ = [
+    'ModelCard', 'list_models', 'model_card',
+    'create_task_model', 'eval_results_from', 'from_pretrained', 'make_model_card', 'push_to_hub', 'save_pretrained',
+]

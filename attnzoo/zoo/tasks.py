@@ -1,0 +1,80 @@
+"""Rebuild any task model (segmentation, detection, medical) from the arguments it carries.
+
+Every model the task builders return carries ``model.attnzoo_cfg``: the JSON-serialisable arguments
+that rebuild it, ``{'task': ..., 'arch': ..., 'backbone': ..., 'num_classes': ..., ...}``, without its
+weights. The Hub's ``config.json`` of a task model stores this dict; ``create_task_model`` turns it
+back into the model.
+"""
+import importlib
+import os
+from typing import Any, Callable, Dict, Mapping
+
+import torch.nn as nn
+from timm.models import load_state_dict
+
+from attnzoo.backbones import CheckpointReadError
+from attnzoo.backbones._helpers import _is_read_error, check_state_dict
+
+__all__ = ['TASK_BUILDERS', 'create_task_model', 'load_task_checkpoint']
+
+# task -> (module under attnzoo.zoo, builder); imported on use, since the dense builders pull in
+# smp/torchvision detection pieces that ``import attnzoo`` must not load
+TASK_BUILDERS: Dict[str, str] = {
+    'segmentation': 'segmentation:create_segmentation_model',
+    'detection': 'detection:create_detection_model',
+    'medical': 'medical:create_medical_model',
+}
+
+# never part of a rebuild: weights travel separately (a stray one would download or load twice)
+_WEIGHT_ARGS = ('pretrained', 'pretrained_backbone', 'checkpoint', 'checkpoint_path')
+
+
+def _builder(task: str) -> Callable[..., nn.Module]:
+    try:
+        module, fn = TASK_BUILDERS[task].split(':')
+    except KeyError:
+        raise ValueError(f'unknown task {task!r} in attnzoo_cfg; known tasks: {", ".join(TASK_BUILDERS)}') from None
+    return getattr(importlib.import_module(f'attnzoo.zoo.{module}'), fn)
+
+
+def create_task_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """The task model described by ``cfg`` (a model's ``attnzoo_cfg``), randomly initialised.
+
+    Dispatches on ``cfg['task']`` to ``create_segmentation_model``, ``create_detection_model`` or
+    ``create_medical_model`` with every other entry as a keyword argument. The backbone is built
+    without pretrained weights: the caller loads the whole model's weights afterwards.
+    """
+    if 'task' not in cfg:
+        raise ValueError(f'attnzoo_cfg has no "task" entry (one of {", ".join(TASK_BUILDERS)}): {dict(cfg)}')
+    kwargs = {k: v for k, v in cfg.items() if k != 'task' and k not in _WEIGHT_ARGS}
+    return _builder(cfg['task'])(**kwargs)
+
+
+# where a training checkpoint keeps the model: at the top (a bare state dict) or under the attribute
+# of the module that trained it (the recipes' LightningModules hold it as ``self.model``)
+_CHECKPOINT_PREFIXES = ('', 'model.', 'net.', 'module.')
+
+
+def load_task_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a trained task model's weights strictly from ``path``: a state dict, a training checkpoint
+    (``state_dict``/``model`` keys) or a Lightning checkpoint whose keys carry the module's prefix
+    (``model.``). Missing file: FileNotFoundError; damaged: CheckpointReadError; weights that do not
+    fit: CheckpointMismatchError naming every key and shape that differs."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    try:
+        state_dict = load_state_dict(path, use_ema=False)
+    except Exception as e:
+        if _is_read_error(e) or isinstance(e, OSError):
+            raise CheckpointReadError(f'checkpoint {path} could not be read: corrupt, truncated or not a '
+                                      f'checkpoint ({type(e).__name__}: {e})') from e
+        raise
+    expected = set(model.state_dict())
+    for prefix in _CHECKPOINT_PREFIXES:
+        found = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if expected <= set(found):
+            # the model's own entries; a training module's others (losses, metrics) stay behind
+            state_dict = {k: v for k, v in found.items() if k in expected} if prefix else found
+            break
+    check_state_dict(state_dict, model, source=f'checkpoint {path}')
+    model.load_state_dict(state_dict)

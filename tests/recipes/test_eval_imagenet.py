@@ -1,0 +1,202 @@
+"""scripts/eval_imagenet.py on a generated ImageNet-layout folder: timm validate.py's numbers, one row per
+model, and a clear failure for each thing a user can get wrong."""
+import importlib.util
+import json
+import tarfile
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from torchvision.datasets import ImageFolder
+
+from attnzoo.zoo import save_pretrained
+
+from ..conftest import randomize_
+
+SCRIPT = Path(__file__).resolve().parents[2] / 'scripts' / 'eval_imagenet.py'
+NUM_CLASSES = 8
+NUM_IMAGES = 48
+# validate.py's data flags, given to the script and resolved the same way in the oracle
+DATA_ARGS = dict(img_size=64, crop_pct=0.9, interpolation='bilinear')
+DATA_FLAGS = ['--img-size', '64', '--crop-pct', '0.9', '--interpolation', 'bilinear']
+
+
+@pytest.fixture(scope='module')
+def script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location('attnzoo_eval_imagenet_script', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _images(seed: int):
+    """Images of assorted sizes and aspect ratios, so the resize and the centre crop both matter."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(NUM_IMAGES):
+        h, w = rng.integers(48, 120, size=2)
+        base = rng.integers(0, 256, (1, 1, 3))
+        noise = rng.integers(-60, 60, (h, w, 3))
+        ramp = np.linspace(0, rng.integers(-80, 80), w)[None, :, None]
+        out.append(Image.fromarray(np.clip(base + noise + ramp, 0, 255).astype(np.uint8)))
+    return out
+
+
+def _logits(model, images, data_args):
+    """The model's logits on PIL images through timm's own eval transform (resize, centre crop, normalise)."""
+    transform = create_transform(**resolve_data_config(data_args, model=model))
+    with torch.no_grad():
+        return torch.cat([model(transform(img)[None]) for img in images])
+
+
+@pytest.fixture(scope='module')
+def imagenet(tmp_path_factory):
+    """An ImageNet-layout folder labelled from the oracle's own predictions: image i's label is the class
+    its logits rank at place i % 6, so exactly 1/6 of the images are top-1 hits and 5/6 top-5 hits, and
+    any difference in preprocessing (size, crop, interpolation, normalisation) moves predictions off
+    these labels. Also the model, its checkpoint and a tar of the folder."""
+    tmp = tmp_path_factory.mktemp('imagenet')
+    torch.set_num_threads(1)
+    model = randomize_(timm.create_model('az_shvit_s1', num_classes=NUM_CLASSES), 3).eval()
+    images = _images(seed=3)
+    # a random network ranks the classes nearly alike for every image; a head centred on these images'
+    # features makes the ranking depend on the image, so a preprocessing slip changes the numbers
+    transform = create_transform(**resolve_data_config(DATA_ARGS, model=model))
+    with torch.no_grad():
+        features = torch.cat([model.forward_head(model.forward_features(transform(img)[None]), pre_logits=True)
+                              for img in images])
+        head = model.get_classifier()
+        head.bias.copy_(-head.weight @ features.mean(0))
+    ranks = _logits(model, images, DATA_ARGS).argsort(dim=1, descending=True)
+    labels = [int(ranks[i, i % 6]) for i in range(NUM_IMAGES)]
+    assert sorted(set(labels)) == list(range(NUM_CLASSES)), 'every class needs an image: pick another seed'
+    root = tmp / 'imagenet'
+    for i, (img, label) in enumerate(zip(images, labels)):
+        folder = root / 'val' / f'n{label:08d}'
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f'img_{i:03d}.png')
+    checkpoint = tmp / 'checkpoint.pth'
+    torch.save({'state_dict': model.state_dict(), 'epoch': 3}, checkpoint)  # a training checkpoint
+    tar = tmp / 'val.tar'
+    with tarfile.open(tar, 'w') as tf:
+        tf.add(root / 'val', arcname='.')
+    return dict(root=root, tar=tar, model=model, checkpoint=checkpoint, images=images, labels=labels)
+
+
+def _expected(top1_hits: int, top5_hits: int, n: int = NUM_IMAGES):
+    return round(100 * top1_hits / n, 4), round(100 * top5_hits / n, 4)
+
+
+def test_folder_and_tar_give_the_oracle_numbers(script, imagenet, tmp_path, capsys):
+    top1, top5 = _expected(NUM_IMAGES // 6, NUM_IMAGES - NUM_IMAGES // 6)
+    out = tmp_path / 'results.json'
+    args = ['--model', 'az_shvit_s1', '--checkpoint', str(imagenet['checkpoint']), '--num-classes', str(NUM_CLASSES),
+            *DATA_FLAGS, '-b', '8', '-j', '0', '--device', 'cpu', '--no-progress']
+    # the parent folder: the script finds val/ as validate.py does
+    assert script.main([str(imagenet['root'])] + args + ['--results-file', str(out), '--results-format', 'json']) == 0
+    row = json.loads(out.read_text())
+    assert list(row) == ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'img_size', 'crop_pct',
+                         'interpolation', 'checkpoint']
+    assert (row['top1'], row['top5']) == (top1, top5)
+    assert row['top1_err'] == round(100 - top1, 4) and row['top5_err'] == round(100 - top5, 4)
+    assert row['param_count'] == round(sum(p.numel() for p in imagenet['model'].parameters()) / 1e6, 2)
+    assert (row['img_size'], row['crop_pct'], row['interpolation']) == (64, 0.9, 'bilinear')
+    printed = capsys.readouterr().out
+    assert f'* Acc@1 {top1:.3f} ({100 - top1:.3f}) Acc@5 {top5:.3f}' in printed and 'img/s' in printed
+
+    csv_out = tmp_path / 'results.csv'
+    assert script.main([str(imagenet['tar'])] + args + ['--results-file', str(csv_out)]) == 0
+    header, values = csv_out.read_text().splitlines()
+    assert header == 'model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation,checkpoint'
+    assert values.split(',')[1:5] == [str(top1), str(round(100 - top1, 4)), str(top5), str(round(100 - top5, 4))]
+
+
+def _oracle(model, folder: Path, data_args):
+    """top-1/top-5 of ``model`` on ``folder`` computed apart from the script: torchvision's ImageFolder
+    for the files and labels, timm's transform for the pixels."""
+    dataset = ImageFolder(str(folder))
+    images = [Image.open(path).convert('RGB') for path, _ in dataset.samples]
+    target = torch.tensor(dataset.targets)
+    ranks = _logits(model, images, data_args).argsort(dim=1, descending=True)
+    top1 = (ranks[:, 0] == target).sum().item()
+    top5 = (ranks[:, :5] == target[:, None]).any(1).sum().item()
+    return _expected(top1, top5, len(target))
+
+
+def test_several_models_one_row_each_from_local_dirs(script, imagenet, tmp_path, capsys):
+    # a zoo model and a plain timm model, each saved with attnzoo's save_pretrained and named by local-dir:
+    models = {}
+    for i, name in enumerate(['az_shvit_s1', 'test_resnet']):
+        model = randomize_(timm.create_model(name, num_classes=NUM_CLASSES), 10 + i).eval()
+        folder = save_pretrained(model, tmp_path / name, card=False)
+        models[f'local-dir:{folder}'] = model
+    out = tmp_path / 'results.csv'
+    assert script.main([str(imagenet['root'] / 'val'), '--model', *models, *DATA_FLAGS, '-b', '16', '-j', '0',
+                        '--device', 'cpu', '--no-progress', '--results-file', str(out)]) == 0
+    rows = [line.split(',') for line in out.read_text().splitlines()]
+    assert rows[0] == ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'img_size', 'crop_pct',
+                       'interpolation']
+    got = {r[0]: (float(r[1]), float(r[3])) for r in rows[1:]}
+    want = {name: _oracle(model, imagenet['root'] / 'val', DATA_ARGS) for name, model in models.items()}
+    assert got == want
+    # validate.py's order for several models: best top-1 first
+    assert [r[0] for r in rows[1:]] == sorted(want, key=lambda n: want[n][0], reverse=True)
+    table = capsys.readouterr().out.split('\n\n')[-1]
+    assert table.splitlines()[0].split() == ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'img_per_sec',
+                                             'param_count', 'img_size', 'crop_pct', 'interpolation']
+    assert len(table.strip().splitlines()) == 2 + len(models)
+
+
+def test_user_errors_exit_non_zero_with_a_clear_message(script, imagenet, tmp_path, capsys):
+    common = ['--model', 'az_shvit_s1', '--num-classes', str(NUM_CLASSES), '--checkpoint', str(imagenet['checkpoint']),
+              *DATA_FLAGS, '-b', '8', '-j', '0', '--device', 'cpu', '--no-progress']
+
+    def run(data, *extra):
+        code = script.main([str(data), *common, *extra])
+        return code, capsys.readouterr().err
+
+    code, err = run(tmp_path / 'nowhere')
+    assert code == 1 and 'nowhere does not exist' in err
+
+    empty = tmp_path / 'empty'
+    (empty / 'n0').mkdir(parents=True)
+    code, err = run(empty)
+    assert code == 1 and 'no images in' in err
+
+    few = tmp_path / 'three_classes'
+    for c in range(3):
+        (few / f'n{c}').mkdir(parents=True)
+        imagenet['images'][c].save(few / f'n{c}' / 'a.png')
+    code, err = run(few)
+    assert code == 1 and 'has 3 classes (subfolders) but az_shvit_s1 predicts 8' in err and '--class-map' in err
+
+    # the checkpoint's head has 8 outputs, the model asked for 10: every differing tensor is named
+    code = script.main([str(imagenet['root']), *common[:2], '--num-classes', '10', *common[4:]])
+    err = capsys.readouterr().err
+    assert code == 1 and 'checkpoint.pth does not fit' in err
+    assert 'head.l.weight' in err and '(8, 320) vs model (10, 320)' in err
+
+    broken = tmp_path / 'broken'
+    for label in range(NUM_CLASSES):
+        (broken / f'n{label}').mkdir(parents=True)
+        imagenet['images'][label].save(broken / f'n{label}' / 'a.png')
+    (broken / 'n5' / 'b.png').write_bytes(b'not a png at all')
+    code, err = run(broken)
+    assert code == 1 and f'cannot read image {broken / "n5" / "b.png"}' in err
+
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(imagenet['root']), '--model', 'az_no_such_model'])
+    assert exit_info.value.code == 2 and 'unknown model' in capsys.readouterr().err
