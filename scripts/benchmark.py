@@ -1,9 +1,23 @@
 #!/usr/bin/env python3
 """ attnzoo Benchmark Script
 
-Measures attnzoo models side by side with timm peers, in one process and under identical settings:
-parameter count, GFLOPs, inference and train-step throughput and peak memory, with the throughput of
-every row also given as a ratio to the first peer.
+Measures attnzoo models side by side with their peers, in one process and under identical settings:
+parameter count, GFLOPs, inference latency and throughput, train-step throughput and peak memory, with
+the throughput of every row also given as a ratio to its peer (``--pairs``) or else to the first peer.
+
+Peers are timm models (``--peers``) or models built by a function of the user's
+(``--peer-factory module:function[:label]``, the module imported from ``--peer-path``), e.g. the
+authors' own code, kept outside this package:
+
+    python scripts/benchmark.py --models az_van_b0 --peer-path /work/ext/peers \
+        --peer-factory official_models:van_b0:van_b0_official --pairs az_van_b0=van_b0_official
+
+On a CPU the defaults measure batch-1 latency (the ``infer ms`` column, the median after warm-up);
+``--interleave`` times the rows' forward passes in turns, one each per round, so that load from
+other processes on a shared machine falls on every row alike:
+
+    python scripts/benchmark.py --device cpu --threads 2 --no-train --interleave --iters 30 \
+        --models az_davit_tiny --peers davit_tiny
 
 GFLOPs are multiply-adds (the FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` divided by
 two), the convention papers and timm's tables use, for one image at the benchmark resolution.
@@ -20,6 +34,8 @@ On a GPU the times are the GPU's own, from CUDA-graph replays; eager calls are t
 """
 import argparse
 import gc
+import importlib
+import inspect
 import json
 import os
 import platform
@@ -32,7 +48,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -55,10 +71,10 @@ except ImportError:
 
 from attnzoo.zoo import kernel_bench  # noqa: E402  (after the path fix above)
 
-# Per-device defaults: CPU runs are smoke tests or rough comparisons and must stay short, GPU runs
-# need batches large enough to fill the device and enough iterations for a stable median.
+# Per-device defaults: on a CPU the question is the latency of one image (batch 1) and runs must stay
+# short; GPU runs need batches large enough to fill the device and enough iterations for a stable median.
 _DEVICE_DEFAULTS: Dict[str, Dict[str, int]] = {
-    'cpu': dict(batch_size=8, train_batch_size=8, warmup=2, iters=5),
+    'cpu': dict(batch_size=1, train_batch_size=8, warmup=3, iters=10),
     'cuda': dict(batch_size=256, train_batch_size=128, warmup=10, iters=30),
 }
 
@@ -75,11 +91,24 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--models', nargs='+', default=[], metavar='NAME',
                         help='attnzoo (az_*) models to measure.')
     parser.add_argument('--peers', nargs='*', default=[], metavar='NAME',
-                        help='timm models to measure alongside; ratios are against the first one.')
+                        help='timm models to measure alongside; ratios are against the first peer, or '
+                             'the one --pairs names.')
+    parser.add_argument('--peer-factory', nargs='+', default=[], metavar='MODULE:FUNCTION[:LABEL]',
+                        help="Peers built by a function of yours: MODULE is imported (after --peer-path), "
+                             "FUNCTION is called with no arguments (or img_size=N, given --img-size, when it "
+                             "takes img_size) and returns the nn.Module; the row is labelled LABEL "
+                             "(default FUNCTION). Measured after the --peers, in the order given.")
+    parser.add_argument('--peer-path', nargs='+', default=[], metavar='DIR',
+                        help='Folders to import --peer-factory modules from (put first on sys.path).')
+    parser.add_argument('--pairs', nargs='+', default=[], metavar='MODEL=PEER',
+                        help='Give MODEL (one of --models) its ratios against PEER (a --peers name or a '
+                             '--peer-factory label) instead of the first peer.')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='Device to run on: cpu, cuda or cuda:N (default: cuda when available).')
+    parser.add_argument('--threads', type=int, default=None, metavar='N',
+                        help="torch's CPU threads (torch.set_num_threads; default: torch's own choice).")
     parser.add_argument('-b', '--batch-size', type=int, default=None, metavar='N',
-                        help='Inference batch size (default: 256 on CUDA, 8 on CPU).')
+                        help='Inference batch size (default: 256 on CUDA, 1 on CPU: latency).')
     parser.add_argument('--train-batch-size', type=int, default=None, metavar='N',
                         help='Train-step batch size (default: 128 on CUDA, 8 on CPU).')
     parser.add_argument('--img-size', type=int, default=None, metavar='N',
@@ -95,10 +124,15 @@ def _build_parser() -> argparse.ArgumentParser:
                              "labelled '<name> (compiled)' for the compiled ones.")
     parser.add_argument('--warmup', type=int, default=None, metavar='N',
                         help='Untimed iterations per phase, which also absorb compilation '
-                             '(default: 10 on CUDA, 2 on CPU).')
+                             '(default: 10 on CUDA, 3 on CPU).')
     parser.add_argument('--iters', type=int, default=None, metavar='N',
-                        help='Timed iterations per phase; throughput uses their median '
-                             '(default: 30 on CUDA, 5 on CPU).')
+                        help='Timed iterations per phase; latency and throughput use their median '
+                             '(default: 30 on CUDA, 10 on CPU).')
+    parser.add_argument('--no-train', action='store_true', help='Measure inference only, no train step.')
+    parser.add_argument('--interleave', action='store_true',
+                        help="Build every row's model first, then time their forward passes in turns (one "
+                             "each per round) so that other load falls on every row alike; all models are "
+                             "held in memory at once. Train steps, if any, follow row by row.")
     kernels = parser.add_argument_group('--mode kernels', 'neighborhood attention (na2d) against its peers')
     kernels.add_argument('--cases', nargs='+', default=None, metavar='B,HEADS,H,W,D,K,DIL',
                          help='Shapes to measure (default: the Triton issue\'s targets and DiNAT-T\'s layers).')
@@ -128,6 +162,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for key, value in _DEVICE_DEFAULTS[device.type].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error('--threads must be >= 1')
+        torch.set_num_threads(args.threads)
     if args.mode == 'models':
         if not args.models:
             parser.error('--mode models needs at least one name in --models')
@@ -135,6 +173,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         unknown = [name for name in args.models + args.peers if not timm.is_model(name)]
         if unknown:
             parser.error(f'unknown model name(s): {", ".join(unknown)}')
+        sys.path[:0] = [str(Path(p).resolve()) for p in args.peer_path]
+        try:
+            args.peer_factory = [load_peer_factory(spec) for spec in args.peer_factory]
+        except ValueError as exc:
+            parser.error(str(exc))
+        labels = args.peers + [f.label for f in args.peer_factory]
+        if len(set(labels)) < len(labels):
+            parser.error(f'peer labels must differ, got {", ".join(labels)}')
+        try:
+            args.pairs = parse_pairs(args.pairs, args.models, labels)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.mode == 'kernels':
         try:
             args.cases = [kernel_bench.parse_case(c) for c in args.cases] if args.cases else None
@@ -148,22 +198,84 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 @dataclass(frozen=True)
+class PeerFactory:
+    """A peer built by a user's function: ``spec`` as given, ``fn`` the function, ``label`` its rows' name."""
+    spec: str
+    fn: Callable[..., nn.Module]
+    label: str
+
+    @property
+    def source(self) -> Optional[str]:
+        """The file the function was defined in, for the record of where a peer's code came from."""
+        try:
+            return inspect.getsourcefile(self.fn)
+        except TypeError:  # a builtin or C function
+            return None
+
+    def build(self, img_size: Optional[int]) -> nn.Module:
+        """Call the function, with ``img_size`` when one is asked for and the function takes it."""
+        kwargs = {}
+        if img_size is not None:
+            params = inspect.signature(self.fn).parameters.values()
+            if any(p.name == 'img_size' or p.kind is p.VAR_KEYWORD for p in params):
+                kwargs['img_size'] = img_size
+        model = self.fn(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f'--peer-factory {self.spec} returned {type(model).__name__}, not an nn.Module')
+        return model
+
+
+def load_peer_factory(spec: str) -> PeerFactory:
+    """Import ``module:function[:label]`` (ValueError that says what is wrong with it)."""
+    parts = spec.split(':')
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f'--peer-factory takes MODULE:FUNCTION[:LABEL], got {spec!r}')
+    module_name, fn_name = parts[:2]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f'--peer-factory {spec}: cannot import {module_name!r} ({exc}); '
+                         f'is its folder given with --peer-path?') from exc
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f'--peer-factory {spec}: {module_name!r} has no function {fn_name!r}')
+    return PeerFactory(spec, fn, parts[2] if len(parts) == 3 else fn_name)
+
+
+def parse_pairs(pairs: Sequence[str], models: Sequence[str], peers: Sequence[str]) -> Dict[str, str]:
+    """``MODEL=PEER`` items to a dict, each side checked against the run's models and peer labels."""
+    out = {}
+    for item in pairs:
+        model, sep, peer = item.partition('=')
+        if not sep or model not in models or peer not in peers:
+            raise ValueError(f'--pairs takes MODEL=PEER with MODEL one of --models ({", ".join(models)}) and '
+                             f'PEER one of the peers ({", ".join(peers) or "none given"}), got {item!r}')
+        out[model] = peer
+    return out
+
+
+@dataclass(frozen=True)
 class Job:
-    """One table row: a model, whether it is a peer, and whether it runs compiled."""
+    """One table row: a model (a timm name, or a user's factory), whether it is a peer, whether it
+    runs compiled."""
     name: str
     role: str  # 'model' or 'peer'
     compiled: bool
+    factory: Optional[PeerFactory] = None
 
     @property
     def label(self) -> str:
         return f'{self.name} (compiled)' if self.compiled else self.name
 
 
-def make_jobs(models: Sequence[str], peers: Sequence[str], compile_opt: Optional[str]) -> List[Job]:
-    """Zoo models first, then peers; with ``--compile both`` the compiled row follows each eager one."""
+def make_jobs(models: Sequence[str], peers: Sequence[str], compile_opt: Optional[str],
+              factories: Sequence[PeerFactory] = ()) -> List[Job]:
+    """Zoo models first, then timm peers, then factory peers; with ``--compile both`` the compiled
+    row follows each eager one."""
     variants = {None: (False,), 'compiled': (True,), 'both': (False, True)}[compile_opt]
-    named = [(name, 'model') for name in models] + [(name, 'peer') for name in peers]
-    return [Job(name, role, compiled) for name, role in named for compiled in variants]
+    named = [(name, 'model', None) for name in models] + [(name, 'peer', None) for name in peers]
+    named += [(f.label, 'peer', f) for f in factories]
+    return [Job(name, role, compiled, factory) for name, role, factory in named for compiled in variants]
 
 
 def create_benchmark_model(name: str, img_size: Optional[int]) -> nn.Module:
@@ -260,13 +372,13 @@ class ModelBenchmark:
         self.args = args
         self.device = device
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-        self.model = create_benchmark_model(job.name, args.img_size)
+        if job.factory is not None:
+            self.model = job.factory.build(args.img_size)
+        else:
+            self.model = create_benchmark_model(job.name, args.img_size)
         in_chans, *default_hw = resolve_data_config({}, model=self.model)['input_size']
         hw = (args.img_size, args.img_size) if args.img_size is not None else tuple(default_hw)
         self.input_size: Tuple[int, int, int] = (in_chans,) + hw
-        # Headless backbones (num_classes=0, e.g. the *_fl variants) return pooled features; the loss
-        # takes them as logits, which exercises the same backward as a classifier head would.
-        self.num_classes: int = self.model.num_classes or self.model.num_features
         self.model.to(device=device, memory_format=self.memory_format)
         # The compiled module shares parameters with the eager one, which stays available for
         # FLOP counting (the counter does not see inside compiled graphs). Static shapes: the two
@@ -287,26 +399,41 @@ class ModelBenchmark:
         self.model.eval()
         return count_macs(self.model, self.input_size, self.device)
 
-    def inference(self) -> Tuple[float, Optional[float]]:
-        """(median seconds per batch, peak GiB) of forward passes in inference mode."""
+    def inference_step(self) -> Callable[[], None]:
+        """One forward pass of a batch in inference mode, as a callable to time."""
         self.runner.eval()
         x = self._input(self.args.batch_size)
-        reset_peak_memory(self.device)
 
         def step() -> None:
-            with self._autocast():
+            with torch.inference_mode(), self._autocast():
                 self.runner(x)
 
-        with torch.inference_mode():
-            times = time_iterations(step, self.args.warmup, self.args.iters, self.device)
+        return step
+
+    def inference(self) -> Tuple[float, Optional[float]]:
+        """(median seconds per batch, peak GiB) of forward passes in inference mode."""
+        step = self.inference_step()
+        reset_peak_memory(self.device)
+        times = time_iterations(step, self.args.warmup, self.args.iters, self.device)
         return statistics.median(times), peak_memory_gib(self.device)
+
+    def _num_classes(self) -> int:
+        # Headless backbones (num_classes=0, e.g. the *_fl variants) return pooled features; the loss
+        # takes them as logits, which exercises the same backward as a classifier head would. A
+        # factory's model may have neither attribute: its output says.
+        width = getattr(self.model, 'num_classes', 0) or getattr(self.model, 'num_features', 0)
+        if not width:
+            with torch.no_grad(), self._autocast():
+                width = self.model.eval()(self._input(1)).shape[-1]
+        return width
 
     def train(self) -> Tuple[float, Optional[float]]:
         """(median seconds per step, peak GiB) of forward + cross-entropy + backward + SGD step."""
+        num_classes = self._num_classes()
         self.runner.train()
         optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
         x = self._input(self.args.train_batch_size)
-        target = torch.randint(0, self.num_classes, (self.args.train_batch_size,), device=self.device)
+        target = torch.randint(0, num_classes, (self.args.train_batch_size,), device=self.device)
         # Reset after the inputs exist but before the first step, so the peak includes gradients
         # and the momentum buffers the optimizer creates lazily.
         reset_peak_memory(self.device)
@@ -333,52 +460,128 @@ def _short_error(row: Dict[str, Any]) -> str:
     return textwrap.shorten(row['error'], 200, placeholder=' ...')
 
 
-def benchmark_job(job: Job, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
-    """Measure one row. A failure (OOM, unsupported resolution, compile error) is recorded in the row
-    with whatever was measured before it, so that one model cannot end the whole run."""
-    row: Dict[str, Any] = dict(
+def new_row(job: Job, args: argparse.Namespace) -> Dict[str, Any]:
+    """A row with nothing measured yet; a factory peer's row says where its function lives."""
+    return dict(
         label=job.label, model=job.name, role=job.role, compiled=job.compiled,
+        factory=job.factory.spec if job.factory else None, source=job.factory.source if job.factory else None,
         input_size=None, param_count=None, params_m=None, gflops=None,
         infer_batch_size=args.batch_size, infer_ms=None, infer_img_s=None, infer_peak_gib=None, infer_ratio=None,
         train_batch_size=args.train_batch_size, train_ms=None, train_img_s=None, train_peak_gib=None,
-        train_ratio=None, error=None,
+        train_ratio=None, ratio_to=None, error=None,
     )
-    try:
-        bench = ModelBenchmark(job, args, device)
-        row['input_size'] = list(bench.input_size)
-        row['param_count'] = count_params(bench.model)
-        row['params_m'] = row['param_count'] / 1e6
-        row['gflops'] = bench.macs() / 1e9
-        seconds, row['infer_peak_gib'] = bench.inference()
-        row['infer_ms'] = seconds * 1e3
-        row['infer_img_s'] = args.batch_size / seconds
+
+
+def prepare(job: Job, args: argparse.Namespace, device: torch.device, row: Dict[str, Any]) -> ModelBenchmark:
+    """Build the row's model and count its parameters and GFLOPs into the row."""
+    bench = ModelBenchmark(job, args, device)
+    row['input_size'] = list(bench.input_size)
+    row['param_count'] = count_params(bench.model)
+    row['params_m'] = row['param_count'] / 1e6
+    row['gflops'] = bench.macs() / 1e9
+    return bench
+
+
+def _record_inference(row: Dict[str, Any], seconds: float, peak: Optional[float], batch_size: int) -> None:
+    row['infer_ms'] = seconds * 1e3
+    row['infer_img_s'] = batch_size / seconds
+    row['infer_peak_gib'] = peak
+
+
+def _record_train(row: Dict[str, Any], bench: ModelBenchmark, args: argparse.Namespace) -> None:
+    if not args.no_train:
         seconds, row['train_peak_gib'] = bench.train()
         row['train_ms'] = seconds * 1e3
         row['train_img_s'] = args.train_batch_size / seconds
+
+
+def _release(device: torch.device, compiled: bool) -> None:
+    # Release a model (and, after an exception, the frames of its traceback) before the next row,
+    # so an OOM does not cascade and peaks are not inflated by leftovers.
+    gc.collect()
+    if device.type == 'cuda':
+        torch.cuda.empty_cache()
+    if compiled:
+        # Every model instance adds guards and recompiles to the shared code objects of its
+        # class; resetting keeps later rows below dynamo's recompile limit.
+        torch.compiler.reset()
+
+
+def benchmark_job(job: Job, args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
+    """Measure one row. A failure (OOM, unsupported resolution, compile error) is recorded in the row
+    with whatever was measured before it, so that one model cannot end the whole run."""
+    row = new_row(job, args)
+    try:
+        bench = prepare(job, args, device, row)
+        _record_inference(row, *bench.inference(), args.batch_size)
+        _record_train(row, bench, args)
     except Exception as exc:
         row['error'] = _describe_error(exc)
     finally:
-        # Release the model (and, after an exception, the frames of its traceback) before the next
-        # row, so an OOM here does not cascade and peaks are not inflated by leftovers.
         bench = None
-        gc.collect()
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
-        if job.compiled:
-            # Every model instance adds guards and recompiles to the shared code objects of its
-            # class; resetting keeps later rows below dynamo's recompile limit.
-            torch.compiler.reset()
+        _release(device, job.compiled)
     return row
 
 
-def add_ratios(rows: List[Dict[str, Any]]) -> None:
-    """Throughput ratios of every row to the first peer, eager to eager and compiled to compiled."""
+def benchmark_interleaved(jobs: Sequence[Job], args: argparse.Namespace, device: torch.device,
+                          progress: Callable[[Iterator], Iterator] = iter) -> List[Dict[str, Any]]:
+    """Measure every row with their inference timed in turns: all models are built (and warmed up)
+    first, then each round times one forward pass of each. Load from other processes during the run
+    falls on all rows alike, which back-to-back phases per model cannot promise on a shared machine.
+    Peak memory is not reported (every model is resident at once). A failing row is recorded and
+    leaves the rotation."""
+    rows = [new_row(job, args) for job in jobs]
+    benches: Dict[int, ModelBenchmark] = {}
+    steps: Dict[int, Callable[[], None]] = {}
+    times: Dict[int, List[float]] = {}
+    for i, job in enumerate(jobs):
+        try:
+            benches[i] = prepare(job, args, device, rows[i])
+            steps[i] = benches[i].inference_step()
+            time_iterations(steps[i], args.warmup, 0, device)
+            times[i] = []
+        except Exception as exc:
+            rows[i]['error'] = _describe_error(exc)
+            benches.pop(i, None)
+    for _ in progress(range(args.iters)):
+        for i in list(times):
+            try:
+                times[i] += time_iterations(steps[i], 0, 1, device)
+            except Exception as exc:
+                rows[i]['error'] = _describe_error(exc)
+                del times[i], benches[i]
+    for i, row_times in times.items():
+        _record_inference(rows[i], statistics.median(row_times), None, args.batch_size)
+    steps.clear()
+    for i in list(benches):
+        try:
+            _record_train(rows[i], benches[i], args)
+        except Exception as exc:
+            rows[i]['error'] = _describe_error(exc)
+        del benches[i]
+        _release(device, jobs[i].compiled)
+    return rows
+
+
+def add_ratios(rows: List[Dict[str, Any]], pairs: Optional[Dict[str, str]] = None) -> None:
+    """Throughput ratios of every row to its peer, eager to eager and compiled to compiled: the peer
+    ``pairs`` gives a model (a peer that pairs name is its own), else the first peer. ``ratio_to``
+    names the row compared against."""
+    pairs = pairs or {}
     for compiled in (False, True):
         variant = [r for r in rows if r['compiled'] == compiled]
-        ref = next((r for r in variant if r['role'] == 'peer'), None)
-        if ref is None:
-            continue
+        peers = {r['model']: r for r in variant if r['role'] == 'peer'}
+        first = next(iter(peers.values()), None)
         for row in variant:
+            if row['model'] in pairs:
+                ref = peers[pairs[row['model']]]
+            elif row['role'] == 'peer' and row['model'] in pairs.values():
+                ref = row
+            else:
+                ref = first
+            if ref is None:
+                continue
+            row['ratio_to'] = ref['label']
             for key in ('infer', 'train'):
                 num, den = row[f'{key}_img_s'], ref[f'{key}_img_s']
                 row[f'{key}_ratio'] = num / den if num and den else None
@@ -394,6 +597,7 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
         ('res', 5, 'input_size', None),
         ('params M', 9, 'params_m', '.2f'),
         ('GFLOPs*', 8, 'gflops', '.3f'),
+        ('infer ms', 9, 'infer_ms', '.2f'),
         ('infer img/s', 12, 'infer_img_s', '.1f'),
         ('infer x', 8, 'infer_ratio', '.3f'),
         ('train img/s', 12, 'train_img_s', '.1f'),
@@ -402,7 +606,7 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
         ('train GiB', 10, 'train_peak_gib', '.2f'),
     ]
     name_width = max([len('model')] + [len(r['label']) for r in rows])
-    lines = ['  '.join([f'{"model":<{name_width}}'] + [f'{h:>{w}}' for h, w, _, _ in columns])]
+    lines = ['  '.join([f'{"model":<{name_width}}'] + [f'{h:>{w}}' for h, w, _, _ in columns] + ['x vs'])]
     lines.append('-' * len(lines[0]))
     for row in rows:
         cells = [f'{row["label"]:<{name_width}}']
@@ -412,12 +616,14 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
             else:
                 text = _fmt(row[key], spec)
             cells.append(f'{text:>{width}}')
+        cells.append(row['ratio_to'] or '-')
         lines.append('  '.join(cells))
         if row['error']:
             lines.append(f'  ! {row["label"]} failed: {_short_error(row)}')
-    note = '* GFLOPs are multiply-adds (FLOPs / 2) for one image; ratios are against the first peer'
+    note = ('* GFLOPs are multiply-adds (FLOPs / 2) for one image; ratios (x) are throughputs over those of '
+            'the row in "x vs" (the peer --pairs names, else the first peer; higher is faster)')
     if any(r['compiled'] for r in rows):
-        note += ', compiled rows against its compiled row'
+        note += ', compiled rows against a compiled row'
     lines.append(note + '.')
     return '\n'.join(lines)
 
@@ -467,9 +673,11 @@ def collect_metadata(args: argparse.Namespace, argv: Sequence[str], device: torc
 
 
 def _json_default(value: Any) -> Any:
-    # the parsed --cases sit in the metadata's args: written as their names
+    # the parsed --cases and --peer-factory sit in the metadata's args: written as given
     if isinstance(value, kernel_bench.NACase):
         return value.name
+    if isinstance(value, PeerFactory):
+        return value.spec
     raise TypeError(f'{type(value).__name__} is not JSON serializable')
 
 
@@ -500,21 +708,32 @@ def run_models(args: argparse.Namespace, argv: Sequence[str]) -> int:
     meta = collect_metadata(args, argv, device)
     torch.manual_seed(0)
 
-    jobs = make_jobs(args.models, args.peers, args.compile)
-    progress = tqdm(jobs, desc='benchmark', unit='model', file=sys.stderr) if tqdm is not None else jobs
-    rows = []
-    for job in progress:
-        if tqdm is not None:
-            progress.set_postfix_str(job.label)
-        row = benchmark_job(job, args, device)
-        if row['error']:
-            _log(f'{job.label} failed: {_short_error(row)}')
-        rows.append(row)
-    add_ratios(rows)
+    jobs = make_jobs(args.models, args.peers, args.compile, args.peer_factory)
+    if args.interleave:
+        def rounds(it: Iterator) -> Iterator:
+            return tqdm(it, desc='interleaved rounds', unit='round', file=sys.stderr) if tqdm is not None else it
 
-    print(f'device {meta["gpu"] or meta["cpu"]} ({device}), torch {torch.__version__}, timm {timm.__version__}, '
-          f'amp {"bf16" if args.amp else "off"}, channels_last {args.channels_last}, batch {args.batch_size} '
-          f'infer / {args.train_batch_size} train, warmup {args.warmup}, iters {args.iters} (median)')
+        rows = benchmark_interleaved(jobs, args, device, rounds)
+        for row in rows:
+            if row['error']:
+                _log(f'{row["label"]} failed: {_short_error(row)}')
+    else:
+        progress = tqdm(jobs, desc='benchmark', unit='model', file=sys.stderr) if tqdm is not None else jobs
+        rows = []
+        for job in progress:
+            if tqdm is not None:
+                progress.set_postfix_str(job.label)
+            row = benchmark_job(job, args, device)
+            if row['error']:
+                _log(f'{job.label} failed: {_short_error(row)}')
+            rows.append(row)
+    add_ratios(rows, args.pairs)
+
+    train = 'no train' if args.no_train else f'{args.train_batch_size} train'
+    print(f'device {meta["gpu"] or meta["cpu"]} ({device}, {torch.get_num_threads()} threads), torch '
+          f'{torch.__version__}, timm {timm.__version__}, amp {"bf16" if args.amp else "off"}, channels_last '
+          f'{args.channels_last}, batch {args.batch_size} infer / {train}, warmup {args.warmup}, iters '
+          f'{args.iters} (median{", interleaved" if args.interleave else ""})')
     print(format_table(rows))
     if args.json:
         write_results(args.json, meta, rows)

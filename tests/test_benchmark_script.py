@@ -1,6 +1,7 @@
 """scripts/benchmark.py end to end on CPU, at a size small enough for CI: one zoo model against its timm peer."""
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 from types import ModuleType
@@ -134,3 +135,79 @@ def test_graph_replays_leave_the_host_out(bench):
 def test_kernel_mode_rejects_a_malformed_case(bench):
     with pytest.raises(SystemExit):
         bench.main(['--mode', 'kernels', '--device', 'cpu', '--cases', '2,2,10,12,16,3'])
+
+
+FACTORY_MODULE = '''
+import timm
+
+def small_shvit(img_size=None):
+    """A peer from a user's function: timm's SHViT-S1, which records the size it was asked for."""
+    model = timm.create_model('shvit_s1')
+    model.asked_img_size = img_size
+    return model
+
+def not_a_model():
+    return 'a string'
+'''
+
+
+@pytest.fixture
+def user_peers(tmp_path, monkeypatch):
+    """A folder holding a user's peer module; sys.path and sys.modules are restored afterwards."""
+    (tmp_path / 'user_peers.py').write_text(FACTORY_MODULE)
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    monkeypatch.delitem(sys.modules, 'user_peers', raising=False)
+    yield tmp_path
+    sys.modules.pop('user_peers', None)
+
+
+def test_peer_factory_pairs_and_interleaved_latency(bench, user_peers, tmp_path, capsys):
+    out = tmp_path / 'results.json'
+    argv = ['--models', 'az_shvit_s1', '--peers', 'shvit_s1', '--peer-path', str(user_peers),
+            '--peer-factory', 'user_peers:small_shvit:shvit_official', '--pairs', 'az_shvit_s1=shvit_official',
+            '--device', 'cpu', '--img-size', '64', '--no-train', '--interleave', '--warmup', '1', '--iters', '3',
+            '--json', str(out)]
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    rows = {row['label']: row for row in data['results']}
+    assert list(rows) == ['az_shvit_s1', 'shvit_s1', 'shvit_official']
+    ours, timm_peer, official = rows['az_shvit_s1'], rows['shvit_s1'], rows['shvit_official']
+    assert official['factory'] == 'user_peers:small_shvit:shvit_official'
+    assert official['source'] == str(tmp_path / 'user_peers.py')
+    assert official['param_count'] == _param_count('shvit_s1') and official['input_size'] == [3, 64, 64]
+    for row in rows.values():
+        assert row['error'] is None, row['error']
+        # CPU default: latency at batch 1, the median of the interleaved rounds; no train step asked for
+        assert row['infer_batch_size'] == 1 and row['infer_ms'] > 0
+        assert row['infer_img_s'] == pytest.approx(1e3 / row['infer_ms'])
+        assert row['train_img_s'] is None and row['train_ratio'] is None
+    # the paired model against its pair, the named peer against itself, the other peer the first peer
+    assert ours['ratio_to'] == 'shvit_official'
+    assert ours['infer_ratio'] == pytest.approx(official['infer_ms'] / ours['infer_ms'])
+    assert official['infer_ratio'] == 1.0 and official['ratio_to'] == 'shvit_official'
+    assert timm_peer['ratio_to'] == 'shvit_s1'
+    assert data['meta']['args']['peer_factory'] == ['user_peers:small_shvit:shvit_official']
+    table = capsys.readouterr().out
+    assert 'infer ms' in table and 'shvit_official' in table and 'interleaved' in table
+
+
+def test_peer_factory_gets_the_asked_size(bench, user_peers):
+    sys.path.insert(0, str(user_peers))
+    factory = bench.load_peer_factory('user_peers:small_shvit')
+    assert factory.label == 'small_shvit'
+    assert factory.build(96).asked_img_size == 96 and factory.build(None).asked_img_size is None
+    with pytest.raises(TypeError, match='returned str'):
+        bench.load_peer_factory('user_peers:not_a_model').build(None)
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--peer-factory', 'no_such_module_xyz:fn'], 'cannot import'),
+    (['--peer-factory', 'json'], 'MODULE:FUNCTION'),
+    (['--peer-factory', 'json:no_such_function'], 'no function'),
+    (['--pairs', 'az_shvit_s1=davit_tiny'], 'PEER one of the peers'),
+    (['--peer-factory', 'json:loads:shvit_s1'], 'labels must differ'),
+])
+def test_bad_peer_arguments_are_rejected_before_running(bench, extra, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(['--models', 'az_shvit_s1', '--peers', 'shvit_s1', '--device', 'cpu'] + extra)
+    assert message in capsys.readouterr().err
