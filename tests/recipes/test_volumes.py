@@ -1,0 +1,150 @@
+"""NIfTI volumes: round trips keep data, affine and spacing; HD95 in millimetres from that spacing;
+the synthetic tumours; the folder dataset and its transform hook; clear errors for bad folders."""
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from attnzoo.recipes.data.volumes import (
+    VolumeDataset,
+    read_nifti,
+    synthetic_volume,
+    write_nifti,
+    write_synthetic_volumes,
+)
+
+
+def _random_affine(rng):
+    rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    spacing = rng.uniform(0.4, 3.0, size=3)
+    affine = np.eye(4)
+    affine[:3, :3] = rotation * spacing  # column j: the direction and length of voxel axis j
+    affine[:3, 3] = rng.uniform(-100, 100, size=3)
+    return affine, spacing
+
+
+@pytest.mark.parametrize('suffix', ['.nii', '.nii.gz'])
+@pytest.mark.parametrize('dtype,shape', [
+    (np.float32, (7, 6, 5)), (np.int16, (5, 8, 3)), (np.uint8, (4, 4, 4)), (np.float32, (6, 5, 4, 2))])
+def test_nifti_round_trip_keeps_data_affine_and_spacing(tmp_path, suffix, dtype, shape):
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=shape) * 50).astype(dtype)
+    affine, spacing = _random_affine(rng)
+    path = write_nifti(tmp_path / f'vol{suffix}', data, affine=affine)
+    vol = read_nifti(path)
+    assert vol.data.dtype == dtype and vol.data.shape == shape
+    np.testing.assert_array_equal(vol.data, data)
+    np.testing.assert_allclose(vol.affine, affine, rtol=1e-6, atol=1e-4)  # the header stores float32
+    np.testing.assert_allclose(vol.spacing, spacing, rtol=1e-6)
+    if suffix == '.nii.gz':
+        with gzip.open(path) as f:
+            f.read(4)  # really gzipped
+
+
+def test_spacing_alone_and_int64_labels(tmp_path):
+    labels = np.random.default_rng(1).integers(0, 5, size=(6, 7, 8))
+    vol = read_nifti(write_nifti(tmp_path / 'lab.nii.gz', labels, spacing=(0.5, 0.8, 2.5)))
+    np.testing.assert_array_equal(vol.data, labels)
+    np.testing.assert_allclose(vol.spacing, (0.5, 0.8, 2.5), rtol=1e-7)  # float32 in the header
+    np.testing.assert_allclose(vol.affine, np.diag([0.5, 0.8, 2.5, 1]), rtol=1e-7)
+
+
+def test_nifti_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match='no NIfTI file'):
+        read_nifti(tmp_path / 'missing.nii.gz')
+    (tmp_path / 'junk.nii.gz').write_bytes(b'not a nifti file at all')
+    with pytest.raises(ValueError, match='not a readable NIfTI'):
+        read_nifti(tmp_path / 'junk.nii.gz')
+    with pytest.raises(ValueError, match='ends with .nii'):
+        write_nifti(tmp_path / 'vol.npy', np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match='not both'):
+        write_nifti(tmp_path / 'v.nii', np.zeros((2, 2, 2)), affine=np.eye(4), spacing=(1, 1, 1))
+    with pytest.raises(ValueError, match='3D, or 4D'):
+        write_nifti(tmp_path / 'v.nii', np.zeros((2, 2)))
+
+
+def test_hd95_is_in_millimetres_from_the_files_spacing(tmp_path):
+    from monai.metrics import HausdorffDistanceMetric
+
+    spacing = (1.5, 0.7, 2.0)
+    label, pred = np.zeros((12, 12, 12), np.uint8), np.zeros((12, 12, 12), np.uint8)
+    label[3, 4, 5] = 1
+    pred[3 + 4, 4, 5 + 1] = 1  # 4 voxels along the first axis, 1 along the last
+    write_nifti(tmp_path / 'label.nii.gz', label, spacing=spacing)
+    write_nifti(tmp_path / 'pred.nii.gz', pred, spacing=spacing)
+    lab, prd = read_nifti(tmp_path / 'label.nii.gz'), read_nifti(tmp_path / 'pred.nii.gz')
+
+    def onehot(a):
+        t = torch.as_tensor(a.astype(np.int64))
+        return torch.stack([t == 0, t == 1])[None].float()
+
+    metric = HausdorffDistanceMetric(include_background=False, percentile=95)
+    hd = metric(onehot(prd.data), onehot(lab.data), spacing=lab.spacing)
+    torch.testing.assert_close(hd, torch.tensor([[np.hypot(4 * 1.5, 1 * 2.0)]], dtype=hd.dtype))
+    # in voxels (no spacing) the same pair is 4.12 apart: the spacing is what makes it millimetres
+    assert abs(metric(onehot(prd.data), onehot(lab.data)).item() - np.hypot(4, 1)) < 1e-6
+
+
+def test_synthetic_volumes_hold_bright_ellipsoids_inside_the_volume():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        image, label = synthetic_volume(rng, (20, 24, 16), max_tumours=3)
+        assert image.dtype == np.float32 and label.dtype == np.uint8 and image.shape == label.shape == (20, 24, 16)
+        assert 0 <= image.min() and image.max() <= 1
+        assert set(np.unique(label)) == {0, 1}
+        # tumours stay inside: the border is background
+        border = np.ones_like(label, bool)
+        border[1:-1, 1:-1, 1:-1] = False
+        assert not label[border].any()
+        assert image[label == 1].mean() > image[label == 0].mean() + 0.2
+    a = synthetic_volume(np.random.default_rng(3), (16, 16, 16))
+    b = synthetic_volume(np.random.default_rng(3), (16, 16, 16))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match='at least 8'):
+        synthetic_volume(rng, (4, 16, 16))
+
+
+def test_volume_dataset_reads_the_folder_through_the_transform_hook(tmp_path):
+    paths = write_synthetic_volumes(tmp_path, num_cases=3, shape=(12, 10, 8), spacing=(0.9, 0.9, 2.0), seed=1)
+    ds = VolumeDataset(tmp_path)
+    assert len(ds) == 3
+    item = ds[1]
+    assert item['case'] == 'case_001'
+    assert item['image'].shape == (1, 12, 10, 8) and item['image'].dtype == torch.float32
+    assert item['label'].shape == (12, 10, 8) and item['label'].dtype == torch.int64
+    np.testing.assert_array_equal(item['label'].numpy(), read_nifti(paths[1][1]).data)
+    torch.testing.assert_close(item['spacing'], torch.tensor([0.9, 0.9, 2.0], dtype=torch.float64))
+
+    seen = {}
+
+    def flip(image, label):
+        seen.update(image=(image.shape, image.dtype), label=(label.shape, label.dtype))
+        return {'image': image[:, ::-1], 'label': label[::-1]}
+
+    flipped = VolumeDataset(tmp_path, cases=['case_001'], transform=flip)[0]
+    assert seen == {'image': ((1, 12, 10, 8), np.float32), 'label': ((12, 10, 8), np.int64)}
+    torch.testing.assert_close(flipped['label'], item['label'].flip(0))
+
+    # MONAI's dict transforms, wrapped as the hook's docstring says
+    from monai.transforms import NormalizeIntensityd
+
+    z = VolumeDataset(tmp_path, transform=lambda **s: NormalizeIntensityd(keys='image')(s))[0]['image']
+    assert abs(z.mean().item()) < 1e-4 and abs(z.std(unbiased=False).item() - 1) < 1e-3
+
+
+def test_bad_volume_folders_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match='imagesTr'):
+        VolumeDataset(tmp_path)
+    write_synthetic_volumes(tmp_path, num_cases=2, shape=(8, 8, 8))
+    with pytest.raises(FileNotFoundError, match='have no image'):
+        VolumeDataset(tmp_path, cases=['case_009'])
+    (tmp_path / 'labelsTr' / 'case_001.nii.gz').unlink()
+    with pytest.raises(FileNotFoundError, match='has no label'):
+        VolumeDataset(tmp_path)
+    write_nifti(tmp_path / 'labelsTr' / 'case_001.nii.gz', np.zeros((8, 8, 9), np.uint8))
+    with pytest.raises(ValueError, match='differ in size'):
+        VolumeDataset(tmp_path)[1]
+    write_nifti(tmp_path / 'labelsTr' / 'case_001.nii.gz', np.zeros((8, 8, 8), np.uint8), spacing=(2, 2, 2))
+    with pytest.raises(ValueError, match='affines differ'):
+        VolumeDataset(tmp_path)[1]
