@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from attnzoo.zoo import create_task_model
 from attnzoo.zoo.medical import PAPER_CHANNELS, create_medical_model
 
 from ..conftest import randomize_
@@ -136,8 +137,7 @@ def test_cfg_rebuilds_the_model():
     cfg = json.loads(json.dumps(model.attnzoo_cfg))
     assert cfg['task'] == 'medical' and cfg['arch'] == 'daunet' and cfg['backbone'] is None
     assert cfg['channels'] == [4, 8, 16] and cfg['attention_guiding'] is True and cfg['num_classes'] == 4
-    kwargs = {k: v for k, v in cfg.items() if k != 'task'}
-    rebuilt = create_medical_model(kwargs.pop('arch'), kwargs.pop('backbone'), **kwargs)
+    rebuilt = create_task_model(cfg)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
         {k: v.shape for k, v in model.state_dict().items()}
 
