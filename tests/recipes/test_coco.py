@@ -211,6 +211,10 @@ def test_results_of_empty_and_wrong_predictions():
     empty = {'boxes': torch.zeros(0, 4), 'labels': torch.zeros(0, dtype=torch.int64), 'scores': torch.zeros(0),
              'masks': torch.zeros(0, 1, 8, 8)}
     assert to_coco_results([empty], [1], {1: 5}) == []
+    background = {'boxes': torch.tensor([[0., 0., 2., 2.], [1., 1., 3., 4.]]), 'labels': torch.tensor([0, 1]),
+                  'scores': torch.tensor([0.9, 0.5])}
+    assert to_coco_results([background], [3], {1: 5}) == [
+        {'image_id': 3, 'category_id': 5, 'bbox': [1., 1., 2., 3.], 'score': 0.5}]
     bad = {'boxes': torch.tensor([[0., 0., 2., 2.]]), 'labels': torch.tensor([2]), 'scores': torch.tensor([0.5])}
     with pytest.raises(ValueError, match='label 2 has no category'):
         to_coco_results([bad], [1], {1: 5})

@@ -290,7 +290,9 @@ def to_coco_results(
     """torchvision detector outputs (``boxes`` (N, 4) x0, y0, x1, y1, ``labels``, ``scores``, and
     optionally ``masks`` (N, 1, H, W) or (N, H, W) probabilities or 0/1) as the COCO results list:
     ``image_id``, ``category_id`` (labels mapped back through ``label_to_cat_id``), ``bbox`` x, y, w, h,
-    ``score`` and, with masks, ``segmentation`` as compressed RLE of the mask above ``mask_threshold``."""
+    ``score`` and, with masks, ``segmentation`` as compressed RLE of the mask above ``mask_threshold``.
+    Label 0, the background, is left out: torchvision's RetinaNet and FCOS count it among their
+    ``num_classes`` and may predict it, as its own reference evaluation then ignores."""
     from pycocotools import mask as mask_utils
     if len(predictions) != len(image_ids):
         raise ValueError(f'{len(predictions)} predictions for {len(image_ids)} image ids')
@@ -307,6 +309,8 @@ def to_coco_results(
             # pycocotools encodes (H, W, N) Fortran-ordered stacks
             rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
         for i, (box, label, score) in enumerate(zip(boxes.tolist(), labels, scores)):
+            if label == 0:  # the background: RetinaNet and FCOS score it as a class like any other
+                continue
             if label not in label_to_cat_id:
                 raise ValueError(f'predicted label {label} has no category (labels are {sorted(label_to_cat_id)})')
             res = {'image_id': int(image_id), 'category_id': label_to_cat_id[label], 'bbox': box, 'score': score}
