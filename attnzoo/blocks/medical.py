@@ -8,8 +8,8 @@ What follows the meningioma paper (Bouget et al. 2021, arXiv 2101.07715) and its
 code (github.com/dbouget/mri_brain_tumor_segmentation, ``src/Models/UNet``):
 
 * ``ConvBlock``: the paper's "Conv3D block", twice (3x3x3 conv, batch norm, ReLU, spatial dropout).
-  The convolutions keep their bias, as Keras' default does in the authors' code, so parameter counts
-  are the paper's.
+  Here as everywhere, a convolution followed by batch norm has no bias: the Keras code's biases
+  there (Keras' default) are cancelled by the norm's mean and never learn anything.
 * ``UpConvBlock``: the "UpConv3D block", a 3x3x3 transposed convolution of stride 2, batch norm, ReLU.
 * ``AttentionGate``: the gate of Oktay et al. (arXiv 1804.03999) as the paper wires it: the gating
   signal ``g`` is the coarser decoder level after its up-convolution (so ``g`` and the skip ``x``
@@ -75,7 +75,7 @@ def _interp_mode(spatial_dims: int) -> str:
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv (``kernel_size``, 'same' padding, with bias), then batch norm (``norm``) and ReLU (``act``)."""
+    """Conv (``kernel_size``, 'same' padding; a bias only without ``norm``), batch norm (``norm``), ReLU (``act``)."""
 
     def __init__(
             self,
@@ -87,7 +87,7 @@ class ConvNormAct(nn.Sequential):
             act: bool = True,
     ):
         super().__init__()
-        conv = conv_type(spatial_dims)(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        conv = conv_type(spatial_dims)(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
         self.add_module('conv', conv)
         if norm:
             self.add_module('norm', norm_type(spatial_dims)(out_channels))
@@ -112,7 +112,7 @@ class UpConvBlock(nn.Sequential):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
         super().__init__()
         conv = (nn.ConvTranspose2d, nn.ConvTranspose3d)[_check_dims(spatial_dims) - 2]
-        self.add_module('conv', conv(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1))
+        self.add_module('conv', conv(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1, bias=False))
         self.add_module('norm', norm_type(spatial_dims)(out_channels))
         self.add_module('act', nn.ReLU(inplace=True))
 
@@ -139,10 +139,10 @@ class AttentionGate(nn.Module):
             raise ValueError(f"fusion must be 'add' or 'concat', got {fusion!r}")
         self.fusion = fusion
         conv, norm = conv_type(spatial_dims), norm_type(spatial_dims)
-        self.w_g = nn.Sequential(conv(gate_channels, inner_channels, 1), norm(inner_channels))
-        self.w_x = nn.Sequential(conv(skip_channels, inner_channels, 1), norm(inner_channels))
+        self.w_g = nn.Sequential(conv(gate_channels, inner_channels, 1, bias=False), norm(inner_channels))
+        self.w_x = nn.Sequential(conv(skip_channels, inner_channels, 1, bias=False), norm(inner_channels))
         psi_in = inner_channels * (2 if fusion == 'concat' else 1)
-        self.psi = nn.Sequential(conv(psi_in, 1, 1), norm(1), nn.Sigmoid())
+        self.psi = nn.Sequential(conv(psi_in, 1, 1, bias=False), norm(1), nn.Sigmoid())
 
     def attention(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The gate's map ``(B, 1, *spatial)`` in (0, 1)."""

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 from attnzoo.recipes.data.volumes import VolumeDataset, write_synthetic_volumes
 from attnzoo.zoo.medical import create_medical_model
 
-STEPS = 30
+STEPS = 60
 
 
 def test_3d_agunet_learns_synthetic_tumours(tmp_path):
@@ -47,5 +47,4 @@ def test_3d_agunet_learns_synthetic_tumours(tmp_path):
     # the best constant: all tumour (all background scores 0)
     constant = DiceMetric(include_background=False)(one_hot(torch.ones_like(held_out['label'][:, None]), 2),
                                                      target).mean().item()
-    assert constant < 0.3
-    assert dice > 0.6 and dice > 2 * constant, (dice, constant)
+    assert dice > 0.6 and dice > constant + 0.4, (dice, constant)

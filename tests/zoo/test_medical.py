@@ -16,15 +16,19 @@ SWITCHES = list(itertools.product([True, False], repeat=2))  # (deep_supervision
 
 def _paper_param_count(*, ds, ms, guiding, gates, dual, in_chans=1, num_classes=2, dims=3):
     """Parameters of the paper's U-Net counted from its description (figures 1-2 and its code),
-    independently of the model code: five levels of ``PAPER_CHANNELS``, Conv3D blocks with bias
-    and batch norm, UpConv3D blocks, gates with inner width C/2, PAM/CAM at C, 1x1 heads."""
+    independently of the model code: five levels of ``PAPER_CHANNELS``, Conv3D blocks, UpConv3D
+    blocks, gates with inner width C/2, PAM/CAM at C, 1x1 heads; a conv followed by batch norm
+    has no bias (``bn``: its weight and bias)."""
     k = 3 ** dims
 
     def conv(cin, cout, ks=k, bias=True):
         return cin * cout * ks + (cout if bias else 0)
 
+    def conv_bn(cin, cout, ks=k):
+        return conv(cin, cout, ks, bias=False) + 2 * cout
+
     def block(cin, cout):  # the paper's Conv block: (conv, BN, ReLU) twice
-        return conv(cin, cout) + 2 * cout + conv(cout, cout) + 2 * cout
+        return conv_bn(cin, cout) + conv_bn(cout, cout)
 
     c = PAPER_CHANNELS
     n = block(in_chans, c[0])
@@ -33,15 +37,15 @@ def _paper_param_count(*, ds, ms, guiding, gates, dual, in_chans=1, num_classes=
     bottom = c[-1]
     if dual:
         pam = 2 * conv(bottom, bottom // 8, 1, bias=False) + conv(bottom, bottom, 1, bias=False) + 1
-        branch = conv(bottom, bottom) + 2 * bottom + conv(bottom, bottom)
-        n += pam + 1 + 2 * branch + conv(bottom, bottom, 1) + 2 * bottom
+        branch = conv_bn(bottom, bottom) + conv(bottom, bottom)
+        n += pam + 1 + 2 * branch + conv_bn(bottom, bottom, 1)
     prev = bottom
     widths = c[-2::-1]
     for w, skip in zip(widths, c[-2::-1]):
-        n += conv(prev, w) + 2 * w  # UpConv block
+        n += conv_bn(prev, w)  # UpConv block
         if gates:
             h = w // 2
-            n += conv(w, h, 1) + 2 * h + conv(skip, h, 1) + 2 * h + conv(2 * h, 1, 1) + 2
+            n += conv_bn(w, h, 1) + conv_bn(skip, h, 1) + conv_bn(2 * h, 1, 1)
         if guiding:
             n += conv(bottom, w)
         n += block(w + skip + (w if guiding else 0), w)
