@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 endif
 STAMP := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),$(VENV))/.attnzoo-installed
 
-.PHONY: install install-dev demo test lint clean
+.PHONY: install install-recipes install-dev demo zoo test lint clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(VENV)/bin/python:
 $(STAMP)-base: setup.cfg pyproject.toml | $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(STAMP)-recipes: setup.cfg pyproject.toml | $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[recipes]'
 	touch $@
 
 # the tests cover the optional parts too (recipes, dense heads, medical), so they install every extra
@@ -27,9 +32,16 @@ $(STAMP)-dev: setup.cfg pyproject.toml | $(if $(VIRTUAL_ENV),,$(VENV)/bin/python
 
 install: $(STAMP)-base
 
+install-recipes: $(STAMP)-recipes
+
 install-dev: $(STAMP)-dev
 
-demo: install
+# train a zoo model on the embedded digits on this CPU, score it on the held-out split
+demo: install-recipes
+	$(PY) -m attnzoo.recipes.demo
+
+# the zoo table: every registered model, its size, cost, paper figures and CPU latency
+zoo: install
 	$(PY) scripts/zoo_table.py
 
 lint: install-dev
