@@ -3,7 +3,7 @@
 
 Columns: parameters (M) and GFLOPs (multiply-adds, as papers count them) measured at the model's
 default input size, the paper's params and ImageNet top-1, where the pretrained weights come from,
-and CPU latency at batch 1. ``make demo`` runs this.
+and CPU latency at batch 1. ``make zoo`` runs this.
 
     python scripts/zoo_table.py                 # every model
     python scripts/zoo_table.py 'davit*' --no-latency

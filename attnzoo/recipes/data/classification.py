@@ -48,9 +48,10 @@ class DigitsDataset(Dataset):
     scikit-learn, so nothing is downloaded), upscaled to ``image_size`` and split once and for all.
 
     The split is stratified and fixed (a seeded permutation per class): ``'train'`` 70 % (1258
-    images), ``'val'`` 10 % (179), ``'test'`` 20 % (360). ``'test'`` is the held-out split: nothing of a recipe looks at it
-    during fit. The 17 grey levels (0..16) are scaled to 0..255 and repeated over 3 channels; images
-    are upscaled bicubically, because the zoo's models downsample 32-fold and want more than 8 pixels.
+    images), ``'val'`` 10 % (179), ``'test'`` 20 % (360). ``'test'`` is the held-out split:
+    nothing of a recipe looks at it during fit. The 17 grey levels (0..16) are scaled to 0..255
+    and repeated over 3 channels; images are upscaled bicubically, because the zoo's models
+    downsample 32-fold and want more than 8 pixels.
 
     Args:
         split: ``'train'``, ``'val'`` or ``'test'``.
