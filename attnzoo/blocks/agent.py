@@ -199,16 +199,18 @@ class ShiftedWindowAttention(nn.Module):
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         nh, nw = Hp // wh, Wp // ww
         x = x.view(B, nh, wh, nw, ww, C).transpose(2, 3).reshape(B * nh * nw, wh * ww, C)
-        # (B, windows, heads, L, head_dim): the bias broadcasts over images, the shift mask over heads
-        q, k, v = self.qkv(x).view(B, nh * nw, wh * ww, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5)
-        bias = self.relative_position_bias(wh, ww).to(q.dtype)  # (heads, L, L)
+        # (B * windows, heads, L, head_dim), 4-D as PyTorch's fused CPU attention wants it (a 5-D
+        # batch runs the unfused path); the bias broadcasts over windows, the shift mask over heads
+        L = wh * ww
+        q, k, v = self.qkv(x).view(B * nh * nw, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias(wh, ww).to(q.dtype)[None]  # (1, heads, L, L)
         if sh or sw:
             ids = self._regions(Hp, wh, sh, x.device)[:, None] * 3 + self._regions(Wp, ww, sw, x.device)[None, :]
-            ids = ids.view(nh, wh, nw, ww).transpose(1, 2).reshape(nh * nw, wh * ww)
+            ids = ids.view(nh, wh, nw, ww).transpose(1, 2).reshape(nh * nw, L)
             mask = (ids[:, :, None] != ids[:, None, :]).to(q.dtype) * -100.  # (windows, L, L)
-            bias = bias + mask[:, None]  # (windows, heads, L, L)
+            bias = (bias + mask[:, None]).repeat(B, 1, 1, 1)  # (B * windows, heads, L, L)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        x = x.transpose(2, 3).reshape(B, nh, nw, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        x = x.transpose(1, 2).reshape(B, nh, nw, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if sh or sw:
             x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
         if pad_b or pad_r:

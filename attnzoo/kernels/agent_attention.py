@@ -53,9 +53,16 @@ def agent_attention(
             f'agents (B, n, heads, d), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, '
             f'agents {tuple(agents.shape)}')
     q, k, v, agents = (t.transpose(1, 2) for t in (q, k, v, agents))  # (B, heads, tokens, dim)
-    # autocast runs the attention in the lower precision; the biases must follow the queries' dtype
-    agent_bias = agent_bias.to(agents.dtype) if agent_bias is not None else None
-    query_bias = query_bias.to(q.dtype) if query_bias is not None else None
+
+    def as_mask(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        # autocast runs the attention in the lower precision, so the bias follows the queries' dtype;
+        # and 4-D: PyTorch's fused CPU kernel takes no other mask, a 3-D one falls back to the slow
+        # unfused path
+        if bias is None:
+            return None
+        return bias.to(q.dtype).reshape((1,) * (4 - bias.dim()) + bias.shape)
+
+    agent_bias, query_bias = as_mask(agent_bias), as_mask(query_bias)
     agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=agent_bias, scale=scale)
     out = F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=query_bias, scale=scale)
     return out.transpose(1, 2)
