@@ -71,6 +71,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    # timm's dataset warns "Skipped sample" before the evaluation stops on that image with its own message
+    logging.getLogger('timm.data.dataset').setLevel(logging.ERROR)
     try:
         names = expand_model_names(args.model)
     except EvaluationError as e:

@@ -200,3 +200,9 @@ def test_user_errors_exit_non_zero_with_a_clear_message(script, imagenet, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         script.main([str(imagenet['root']), '--model', 'az_no_such_model'])
     assert exit_info.value.code == 2 and 'unknown model' in capsys.readouterr().err
+
+
+def test_wildcards_expand_to_pretrained_tags_as_validate_does():
+    from attnzoo.recipes.evaluation.imagenet import expand_model_names
+    names = expand_model_names(['az_shvit_s*', 'test_resnet', 'local-dir:/some/folder', 'az_shvit_s1.in1k'])
+    assert names == timm.list_models('az_shvit_s*', pretrained=True) + ['test_resnet', 'local-dir:/some/folder']
