@@ -248,7 +248,7 @@ def make_model_card(
     if task == 'classification':
         arch = facts['architecture'] or type(model).__name__
     else:
-        arch = f"{model.attnzoo_cfg['arch']} with a {model.attnzoo_cfg.get('backbone')} backbone"
+        arch = model.attnzoo_cfg['arch'] + _backbone_phrase(model.attnzoo_cfg)
     lines.append(f'- **Architecture:** {arch}')
     lines.append(f'- **Task:** {_TASKS[task][1]}')
     lines.append(f'- **Parameters (M):** {params:.2f}')
@@ -285,8 +285,12 @@ def _describe(model: nn.Module, task: str, facts: Mapping[str, Any]) -> str:
     if task == 'classification':
         return f'An image classifier from attnzoo, a timm model (`{facts["architecture"]}`).'
     cfg = model.attnzoo_cfg
-    return (f'A {_TASKS[task][1].lower()} model from attnzoo: `{cfg["arch"]}` on the `{cfg.get("backbone")}` '
-            f'backbone, {cfg.get("num_classes")} classes.')
+    return (f'A {_TASKS[task][1].lower()} model from attnzoo: `{cfg["arch"]}`{_backbone_phrase(cfg)}, '
+            f'{cfg.get("num_classes")} classes.')
+
+
+def _backbone_phrase(cfg: Mapping[str, Any]) -> str:
+    return f' on the `{cfg["backbone"]}` backbone' if cfg.get('backbone') else ' (its own convolutional encoder)'
 
 
 # ---------------------------------------------------------------------------------------------

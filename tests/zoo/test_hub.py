@@ -176,3 +176,29 @@ def test_push_to_hub_script_dry_run_writes_a_folder_that_loads(classifier, tmp_p
 
     assert script.main(['org/x', '--model', 'az_shvit_s1', '--checkpoint', str(checkpoint), '--dry-run', str(out)]) == 1
     assert 'does not fit' in capsys.readouterr().err
+
+
+def _same_outputs(a, b):
+    a, b = (a if isinstance(a, (list, tuple)) else [a]), (b if isinstance(b, (list, tuple)) else [b])
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_medical_model_round_trips_by_local_dir_and_offline_hf_hub(tmp_path, offline_cache):
+    from attnzoo.zoo import create_medical_model
+    model = randomize_(create_medical_model('daunet', spatial_dims=3, in_chans=2, num_classes=3, channels=(4, 8),
+                                            attention_guiding=True), 3).eval()
+    folder = save_pretrained(model, tmp_path / 'daunet', repo_id='attnzoo-test/daunet')
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['attnzoo_cfg'] == json.loads(json.dumps(model.attnzoo_cfg))
+    card = ModelCard.load(folder / 'README.md')
+    assert card.data.library_name == 'attnzoo' and card.data.pipeline_tag == 'image-segmentation'
+    assert '**Architecture:** daunet (its own convolutional encoder)' in card.text
+    assert "attnzoo.zoo.from_pretrained('hf-hub:attnzoo-test/daunet')" in card.text
+
+    hand_laid_cache(offline_cache, 'attnzoo-test/daunet', folder)
+    x = torch.randn(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        want = model(x)
+        for name in (f'local-dir:{folder}', str(folder), 'hf-hub:attnzoo-test/daunet'):
+            loaded = from_pretrained(name).eval()
+            assert type(loaded) is type(model) and _same_outputs(loaded(x), want), name
