@@ -403,6 +403,16 @@ def from_pretrained(name: str, **kwargs: Any) -> nn.Module:
     with open(_fetch(source, ident, CONFIG_NAME)) as f:
         config = json.load(f)
     if 'attnzoo_cfg' not in config:
+        if source == 'hf-hub':
+            # fetch the weights first so that a missing file is named for any architecture (timm's
+            # loader tries model.safetensors, then pytorch_model.bin, as here)
+            try:
+                _fetch(source, ident, WEIGHTS_NAME)
+            except PretrainedWeightsNotFoundError as e:
+                try:
+                    _fetch(source, ident, 'pytorch_model.bin')
+                except PretrainedWeightsNotFoundError:
+                    raise e from None
         try:
             return timm.create_model(f'{source}:{ident}', pretrained=True, **kwargs)
         except (PretrainedWeightsNotFoundError, CheckpointReadError):

@@ -87,6 +87,9 @@ def test_hf_hub_name_loads_offline_from_the_cache_and_a_missing_file_is_explaine
     (snapshot / 'model.safetensors').unlink()
     with pytest.raises(attnzoo.PretrainedWeightsNotFoundError, match=r"'attnzoo-test/shvit-s1'.*offline"):
         timm.create_model('hf-hub:attnzoo-test/shvit-s1', pretrained=True)
+    with pytest.raises(attnzoo.PretrainedWeightsNotFoundError,
+                       match=r"model.safetensors of Hugging Face repository 'attnzoo-test/shvit-s1' is not in"):
+        from_pretrained('hf-hub:attnzoo-test/shvit-s1')
     (snapshot / 'config.json').unlink()
     with pytest.raises(attnzoo.PretrainedWeightsNotFoundError,
                        match=r"config.json of Hugging Face repository 'attnzoo-test/shvit-s1' is not in the local "
