@@ -15,7 +15,7 @@ from timm.models import load_state_dict
 from attnzoo.backbones import CheckpointReadError
 from attnzoo.backbones._helpers import _is_read_error, check_state_dict
 
-__all__ = ['TASK_BUILDERS', 'create_task_model', 'load_task_checkpoint']
+__all__ = ['TASK_BUILDERS', 'create_task_model', 'load_task_checkpoint', 'model_state_from']
 
 # task -> (module under attnzoo.zoo, builder); imported on use, since the dense builders pull in
 # smp/torchvision detection pieces that ``import attnzoo`` must not load
@@ -51,30 +51,40 @@ def create_task_model(cfg: Mapping[str, Any]) -> nn.Module:
 
 
 # where a training checkpoint keeps the model: at the top (a bare state dict) or under the attribute
-# of the module that trained it (the recipes' LightningModules hold it as ``self.model``)
+# of the module that trained it (the recipes' LightningModules hold it as ``model`` and its EMA copy
+# as ``model_ema.module``)
 _CHECKPOINT_PREFIXES = ('', 'model.', 'net.', 'module.')
+_EMA_PREFIXES = ('model_ema.module.', 'model_ema.', 'ema.')
 
 
-def load_task_checkpoint(model: nn.Module, path: str) -> None:
+def model_state_from(state_dict: Mapping[str, Any], model: nn.Module, use_ema: bool = False) -> Dict[str, Any]:
+    """The entries of a training checkpoint's state dict that are ``model``'s: the whole dict when its
+    keys are the model's, else those under the first prefix (``model.``, ``net.``, ``module.``; with
+    ``use_ema`` the EMA copy's, ``model_ema.module.``) that holds every key of the model, prefix
+    stripped. Where no prefix fits, the dict comes back unchanged for the caller's checks to explain."""
+    expected = set(model.state_dict())
+    for prefix in _EMA_PREFIXES if use_ema else _CHECKPOINT_PREFIXES:
+        found = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if expected <= set(found):
+            # the model's own entries; a training module's others (losses, metrics, EMA) stay behind
+            return {k: v for k, v in found.items() if k in expected} if prefix else found
+    return dict(state_dict)
+
+
+def load_task_checkpoint(model: nn.Module, path: str, use_ema: bool = False) -> None:
     """Load a trained task model's weights strictly from ``path``: a state dict, a training checkpoint
-    (``state_dict``/``model`` keys) or a Lightning checkpoint whose keys carry the module's prefix
-    (``model.``). Missing file: FileNotFoundError; damaged: CheckpointReadError; weights that do not
-    fit: CheckpointMismatchError naming every key and shape that differs."""
+    (``state_dict``/``model`` keys) or a Lightning checkpoint of the recipes (``model.`` keys, the EMA
+    copy with ``use_ema``). Missing file: FileNotFoundError; damaged: CheckpointReadError; weights
+    that do not fit: CheckpointMismatchError naming every key and shape that differs."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     try:
-        state_dict = load_state_dict(path, use_ema=False)
+        state_dict = load_state_dict(path, use_ema=use_ema)
     except Exception as e:
         if _is_read_error(e) or isinstance(e, OSError):
             raise CheckpointReadError(f'checkpoint {path} could not be read: corrupt, truncated or not a '
                                       f'checkpoint ({type(e).__name__}: {e})') from e
         raise
-    expected = set(model.state_dict())
-    for prefix in _CHECKPOINT_PREFIXES:
-        found = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if expected <= set(found):
-            # the model's own entries; a training module's others (losses, metrics) stay behind
-            state_dict = {k: v for k, v in found.items() if k in expected} if prefix else found
-            break
+    state_dict = model_state_from(state_dict, model, use_ema)
     check_state_dict(state_dict, model, source=f'checkpoint {path}')
     model.load_state_dict(state_dict)

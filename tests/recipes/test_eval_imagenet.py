@@ -88,8 +88,11 @@ def imagenet(tmp_path_factory):
         folder = root / 'val' / f'n{label:08d}'
         folder.mkdir(parents=True, exist_ok=True)
         img.save(folder / f'img_{i:03d}.png')
+    # laid out as attnzoo-train's Lightning checkpoints are: the model under model., an EMA copy beside
     checkpoint = tmp / 'checkpoint.pth'
-    torch.save({'state_dict': model.state_dict(), 'epoch': 3}, checkpoint)  # a training checkpoint
+    sd = model.state_dict()
+    torch.save({'epoch': 3, 'state_dict': {**{f'model.{k}': v for k, v in sd.items()},
+                                           **{f'model_ema.module.{k}': v + 1 for k, v in sd.items()}}}, checkpoint)
     tar = tmp / 'val.tar'
     with tarfile.open(tar, 'w') as tf:
         tf.add(root / 'val', arcname='.')

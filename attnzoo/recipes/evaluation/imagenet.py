@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from attnzoo.backbones import CheckpointReadError, family_of
 from attnzoo.backbones._helpers import _is_read_error, check_state_dict
+from attnzoo.zoo.tasks import model_state_from
 
 from .common import ClassCountMismatchError, DatasetError, EvaluationError, unwrap_worker_error
 
@@ -65,9 +66,10 @@ def expand_model_names(names: Sequence[str]) -> List[str]:
 def load_classifier_checkpoint(model: nn.Module, path: str, use_ema: bool = False) -> None:
     """Load a checkpoint as ``validate.py``'s ``load_checkpoint`` does, strictly, with clear errors.
 
-    The file may be a bare state dict or a training checkpoint (``state_dict``/``model`` keys, EMA
-    weights with ``use_ema``). For a zoo model the family's checkpoint filter runs first, so the
-    authors' own layouts load too. A missing file raises FileNotFoundError, a damaged one
+    The file may be a bare state dict, a training checkpoint (``state_dict``/``model`` keys, EMA
+    weights with ``use_ema``) or a Lightning checkpoint of ``attnzoo-train`` (``model.`` keys, the
+    EMA copy's ``model_ema.module.`` with ``use_ema``). For a zoo model the family's checkpoint filter
+    runs first, so the authors' own layouts load too. A missing file raises FileNotFoundError, a damaged one
     CheckpointReadError, one that does not fit CheckpointMismatchError naming every key and shape.
     """
     if not os.path.isfile(path):
@@ -80,6 +82,7 @@ def load_classifier_checkpoint(model: nn.Module, path: str, use_ema: bool = Fals
                 f'checkpoint {path} could not be read: corrupt, truncated or not a checkpoint '
                 f'({type(e).__name__}: {e})') from e
         raise
+    state_dict = model_state_from(state_dict, model, use_ema)
     arch = getattr(model, 'pretrained_cfg', {}).get('architecture', '')
     try:
         family = family_of(arch)
