@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--pretrained', action='store_true', help='classifier: start from its pretrained weights')
     p.add_argument('--checkpoint', default='', metavar='PATH',
                    help='trained weights (state dict or training checkpoint)')
+    p.add_argument('--use-ema', action='store_true', help="publish the checkpoint's EMA weights")
     p.add_argument('--num-classes', type=int, default=None, help='classifier: classes of the checkpoint')
     p.add_argument('--metrics', nargs='+', default=None, metavar='FILE',
                    help="eval scripts' output files (eval_imagenet --results-file, eval_coco/eval_segmentation --out)")
@@ -62,12 +63,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = json.loads(Path(text).read_text() if os.path.isfile(text) else text)
             model = create_task_model(cfg)
             if args.checkpoint:
-                load_task_checkpoint(model, args.checkpoint)
+                load_task_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
             else:
                 print('warning: no --checkpoint: the task model is published with random weights', file=sys.stderr)
         else:
             model = create_classifier(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint or None,
-                                      num_classes=args.num_classes)
+                                      num_classes=args.num_classes, use_ema=args.use_ema)
             if not (args.pretrained or args.checkpoint):
                 print('warning: neither --pretrained nor --checkpoint: publishing random weights', file=sys.stderr)
         if args.dry_run:
