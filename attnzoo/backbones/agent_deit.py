@@ -30,7 +30,7 @@ from timm.layers import PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_nor
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from attnzoo.blocks import AgentBlock
+from attnzoo.blocks import AgentBlock, PreNorm
 from attnzoo.blocks.agent import SelfAttentionBlock
 
 from ._agent_common import agent_cfg, resize_pos_embed, resize_to_model
@@ -91,7 +91,7 @@ class AgentDeiT(nn.Module):
         num_agent_blocks = depth if num_agent_blocks is None else num_agent_blocks
         if num_agent_blocks > 2 * len(_STAGE_OF_BLOCK_PAIR):
             raise ValueError(f'the official agent-count schedule covers 12 blocks, got {num_agent_blocks} agent blocks')
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = partial(PreNorm, eps=1e-6)
         blocks = []
         for i in range(depth):
             kwargs = dict(
@@ -105,7 +105,7 @@ class AgentDeiT(nn.Module):
                 blocks.append(SelfAttentionBlock(embed_dim, num_heads, **kwargs))
         self.blocks = nn.ModuleList(blocks)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}') for i in range(depth)]
-        self.norm = norm_layer(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)

@@ -31,7 +31,7 @@ from timm.layers import PatchEmbed, SelectAdaptivePool2d, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
-from attnzoo.blocks import AgentBlock
+from attnzoo.blocks import AgentBlock, PreNorm
 
 from ._agent_common import agent_cfg, resize_pos_embed, resize_to_model
 from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
@@ -74,7 +74,7 @@ class AgentPVTStage(nn.Module):
                 out_chs, num_heads, agent_num=agent_num, bias_size=grid_size, qkv_bias=qkv_bias,
                 mlp_ratio=mlp_ratio, proj_drop=drop_rate,
                 drop_path=drop_path_rates[i] if drop_path_rates else 0.,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                norm_layer=partial(PreNorm, eps=1e-6))
             for i in range(depth)])
 
     def _pos_embed(self, H: int, W: int) -> torch.Tensor:

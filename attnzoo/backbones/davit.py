@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d, NormMlpClassifierHead
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
-from attnzoo.blocks import ChannelBlock, NormConvDownsample, PatchStem, SpatialBlock
+from attnzoo.blocks import ChannelBlock, NormConvDownsample, PatchStem, PreNorm, SpatialBlock
 
 from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
@@ -55,7 +55,7 @@ class DaVitStage(nn.Module):
                 in_chs, out_chs, down_kernel_size, norm_layer=partial(LayerNorm2d, eps=norm_eps))
         else:
             self.downsample = nn.Identity()
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
+        norm_layer = partial(PreNorm, eps=norm_eps)
         pairs = []
         for i in range(depth):
             dpr = drop_path_rates[i] if drop_path_rates else 0.

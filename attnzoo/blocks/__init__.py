@@ -15,6 +15,7 @@ from .medical import (
     UpConvBlock,
 )
 from .neighborhood import ConvNormDownsample, DoubleConvStem, NeighborhoodAttention2d, NeighborhoodAttentionBlock
+from .norm import PreNorm
 from .single_head import ConvFFN, SingleHeadAttention, SingleHeadBlock
 from .stems import ConvNormStem, NormConvDownsample, PatchMerging, PatchStem
 from .super_token import ResidualDWMlp, SuperTokenAttention, SuperTokenBlock
@@ -27,6 +28,7 @@ __all__ = [
     'DWConvMlp2d', 'LargeKernelAttention', 'LKABlock', 'LKASpatialAttention',
     'AttentionGate', 'ChannelAttentionModule', 'ConvBlock', 'DualAttentionBottleneck', 'GuidanceUpsample',
     'PositionAttentionModule', 'UpConvBlock',
+    'PreNorm',
     'ConvNormDownsample', 'DoubleConvStem', 'NeighborhoodAttention2d', 'NeighborhoodAttentionBlock',
     'ConvFFN', 'SingleHeadAttention', 'SingleHeadBlock',
     'ConvNormStem', 'NormConvDownsample', 'PatchMerging', 'PatchStem',

@@ -14,6 +14,8 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 
 from attnzoo.kernels import agent_attention
 
+from .norm import PreNorm
+
 __all__ = [
     'AgentAttention', 'ShiftedWindowAttention', 'MultiHeadSelfAttention',
     'TokenBlock', 'AgentBlock', 'ShiftedWindowBlock', 'SelfAttentionBlock',
@@ -255,7 +257,7 @@ class TokenBlock(nn.Module):
             drop_path: float = 0.,
             proj_drop: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+            norm_layer: Callable[[int], nn.Module] = PreNorm,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -322,7 +324,7 @@ class SwinPatchMerging(nn.Module):
     on the right and bottom first, as the official dense code does.
     """
 
-    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm):
+    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable[[int], nn.Module] = PreNorm):
         super().__init__()
         out_dim = out_dim or 2 * dim
         self.norm = norm_layer(4 * dim)

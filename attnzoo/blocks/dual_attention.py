@@ -9,6 +9,7 @@ from timm.layers import DropPath, Mlp, to_2tuple
 from attnzoo.kernels import channel_attention, window_attention
 
 from .conv import ConvPosEnc
+from .norm import PreNorm
 
 __all__ = ['WindowAttention', 'ChannelAttention', 'DualAttentionBlock', 'SpatialBlock', 'ChannelBlock']
 
@@ -88,7 +89,7 @@ class DualAttentionBlock(nn.Module):
             mlp_ratio: float = 4.,
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+            norm_layer: Callable[[int], nn.Module] = PreNorm,
             ffn: bool = True,
             cpe_act: bool = False,
     ):

@@ -11,6 +11,8 @@ from torchvision.ops import deform_conv2d
 
 from attnzoo.kernels import hilo_lofi, window_attention
 
+from .norm import PreNorm
+
 __all__ = ['HiLoAttention', 'DWConvMlp', 'DWConvMlpBlock', 'HiLoBlock', 'DeformableConv2d', 'DeformableDownsample']
 
 
@@ -135,7 +137,7 @@ class DWConvMlpBlock(nn.Module):
             mlp_ratio: float = 4.,
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+            norm_layer: Callable[[int], nn.Module] = PreNorm,
     ):
         super().__init__()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -159,10 +161,12 @@ class HiLoBlock(DWConvMlpBlock):
             mlp_ratio: float = 4.,
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+            norm_layer: Callable[[int], nn.Module] = PreNorm,
     ):
         super().__init__(dim, mlp_ratio, drop_path, act_layer, norm_layer)
-        self.norm1 = norm_layer(dim)
+        # Lo-Fi average-pools the normed map before its key/value projection: a plain LayerNorm, so
+        # the pooling sees autocast's float32 (PreNorm's output goes straight into a matrix product)
+        self.norm1 = nn.LayerNorm(dim)
         self.attn = HiLoAttention(dim, num_heads, window_size, alpha, qkv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

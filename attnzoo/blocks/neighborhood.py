@@ -9,6 +9,8 @@ from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, trunc_normal_
 
 from attnzoo.kernels import na2d
 
+from .norm import PreNorm
+
 __all__ = ['NeighborhoodAttention2d', 'NeighborhoodAttentionBlock', 'DoubleConvStem', 'ConvNormDownsample']
 
 # NAT's tokenizer and downsamplers normalise channels-last tokens with nn.LayerNorm, eps 1e-5; timm's
@@ -90,7 +92,7 @@ class NeighborhoodAttentionBlock(nn.Module):
             drop_path: float = 0.,
             layer_scale: Optional[float] = None,
             act_layer: Type[nn.Module] = nn.GELU,
-            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+            norm_layer: Callable[[int], nn.Module] = PreNorm,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)

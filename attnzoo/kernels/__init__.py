@@ -7,6 +7,7 @@ from .agent_attention import agent_attention
 from .channel_attention import channel_attention
 from .dispatch import KERNEL_MODES, KernelOp, kernel_mode, set_kernel_mode, use_kernels
 from .hilo import hilo_lofi
+from .layer_norm import layer_norm
 from .lka import lka
 from .na2d import na2d
 from .single_head_attention import single_head_attention
@@ -15,7 +16,7 @@ from .window_attention import window_attention
 
 __all__ = [
     'KERNEL_MODES', 'KernelOp', 'kernel_mode', 'set_kernel_mode', 'use_kernels',
-    'agent_attention', 'channel_attention', 'hilo_lofi', 'lka', 'na2d', 'single_head_attention',
+    'agent_attention', 'channel_attention', 'hilo_lofi', 'layer_norm', 'lka', 'na2d', 'single_head_attention',
     'super_token_association', 'super_token_sampling', 'super_token_update', 'super_token_upsampling',
     'window_attention',
 ]
