@@ -55,11 +55,23 @@ def _layer_norm_fused(x, weight, bias, eps=1e-5):
     return _fused.layer_norm_fused(x, weight, bias, eps, _autocast_dtype(x) or x.dtype)
 
 
+# Under autograd the fused forward and backward cost about 0.15 ms more host time per call than
+# PyTorch's six launches (0.40 against 0.21-0.28 ms per eager call at a tiny shape, H100 host) and
+# save GPU time in proportion to the tensor: 1.25 -> 0.36 ms at 401408 x 64, 0.43 -> 0.39 at
+# 100352 x 128, but 0.28 -> 0.37 at 25088 x 256 (benchmarks/2026-12-06-h100-profiles-prenorm). So
+# `auto` trains through the kernels from 8M elements on; inference, one launch each way, always.
+MIN_TRAINING_ELEMENTS = 8 * 2 ** 20
+
+
 def _fused_supports(x, weight, bias, eps=1e-5):
     forced = kernel_mode() == 'triton'
-    if not forced and _autocast_dtype(x) is None:
-        # outside autocast PyTorch's own kernel already reads and writes the tensor once
-        return 'outside autocast F.layer_norm is as fast'
+    if not forced:
+        if _autocast_dtype(x) is None:
+            # outside autocast PyTorch's own kernel already reads and writes the tensor once
+            return 'outside autocast F.layer_norm is as fast'
+        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        if training and x.numel() < MIN_TRAINING_ELEMENTS:
+            return f'under autograd below {MIN_TRAINING_ELEMENTS} elements the host cost of the launches outweighs'
     return _fused.fused_unsupported_reason(x, weight, bias, allow_cpu=forced)
 
 

@@ -52,7 +52,7 @@ def _ln_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, N, sx, sy, eps,
 
 
 @triton.jit
-def _ln_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW, DB, M, N, sx, sdy, sdx,
+def _ln_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW, DB, M, N, sx, sdy, sdx, sp,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr, PARTIALS: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -85,8 +85,8 @@ def _ln_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW, DB, M, N, sx, sdy, sdx,
             dw += tl.sum(dy * xhat, 0)
             db += tl.sum(dy, 0)
     if PARTIALS:
-        tl.store(DW + pid * N + cols, dw, mask=col_in)
-        tl.store(DB + pid * N + cols, db, mask=col_in)
+        tl.store(DW + pid * sp + cols, dw, mask=col_in)
+        tl.store(DB + pid * sp + cols, db, mask=col_in)
 
 
 _INTERPRETING = not isinstance(_ln_fwd_kernel, triton.runtime.JITFunction)
@@ -141,16 +141,18 @@ class _LayerNorm(torch.autograd.Function):
         partials = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         programs = max(1, min(triton.cdiv(M, block_m), _max_programs(x2.device)))
         dx = torch.empty_like(x2)
-        dw = torch.empty((programs, N) if partials else (1,), dtype=torch.float32, device=x2.device)
-        db = torch.empty_like(dw)
+        # the weight's and the bias's partial sums side by side: one reduction launch for both
+        part = torch.empty((programs, 2, N) if partials else (1, 2, 1), dtype=torch.float32, device=x2.device)
         _ln_bwd_kernel[(programs,)](
-            x2, weight if weight is not None else x2, dy2, dx, mean, rstd, dw, db,
-            M, N, x2.stride(0), dy2.stride(0), dx.stride(0),
+            x2, weight if weight is not None else x2, dy2, dx, mean, rstd, part, part[:, 1],
+            M, N, x2.stride(0), dy2.stride(0), dx.stride(0), part.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_W=weight is not None, PARTIALS=partials, num_warps=warps)
-        grad_w = dw.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = db.sum(0).to(weight.dtype if weight is not None else torch.float32) \
-            if ctx.needs_input_grad[2] else None
-        return dx.view(ctx.x_shape), grad_w, grad_b, None, None
+        grad_w = grad_b = None
+        if partials:
+            grad_w, grad_b = part.sum(0).unbind(0)
+        dtype = weight.dtype if weight is not None else torch.float32
+        return (dx.view(ctx.x_shape), grad_w.to(dtype) if ctx.needs_input_grad[1] else None,
+                grad_b.to(dtype) if ctx.needs_input_grad[2] else None, None, None)
 
 
 def fused_unsupported_reason(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

@@ -113,11 +113,23 @@ def test_fused_output_under_autocast_is_the_float32_norm_rounded(dtype):
 
 
 def test_dispatch_picks_the_reference_where_the_kernel_does_not_serve():
-    x, w, b = _inputs((2, 3, MAX_ROW + 1), device='cpu')
+    x, w, b = _inputs((2, 3, MAX_ROW + 1))
     assert layer_norm.triton_unsupported_reason(x, w, b) is not None
     assert torch.equal(layer_norm(x, w, b), F.layer_norm(x, x.shape[-1:], w, b))
     with use_kernels('triton'), pytest.raises(NotImplementedError, match='rows up to'):
         layer_norm(x, w, b)
+
+
+def test_auto_trains_small_norms_through_pytorch():
+    """`auto` under autocast: the kernels for inference, and under autograd only from
+    MIN_TRAINING_ELEMENTS on (the launches' host cost); the choice never changes the dtype."""
+    x, w, b = _inputs((2, 3, 48))
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        assert layer_norm.triton_unsupported_reason(x, w, b) is None or x.device.type == 'cpu'
+        w.requires_grad_()
+        assert 'host cost' in layer_norm.triton_unsupported_reason(x, w, b)
+        assert layer_norm(x, w, b).dtype == torch.bfloat16
+    assert 'outside autocast' in layer_norm.triton_unsupported_reason(x, w, b)
 
 
 def test_pre_norm_is_a_layer_norm_that_fx_traces():
