@@ -11,7 +11,10 @@ __all__ = ['layer_norm']
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    # the meta device (FLOP counting) has no autocast to ask
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 @kernel_op

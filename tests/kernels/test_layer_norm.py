@@ -33,6 +33,12 @@ def test_reference_is_f_layer_norm_outside_autocast(dtype):
     assert torch.equal(layer_norm(x, w, b, 1e-5), F.layer_norm(x, x.shape[-1:], w, b, 1e-5))
 
 
+def test_meta_tensors_have_no_autocast_to_ask():
+    with torch.device('meta'):
+        x, w, b = torch.empty(2, 5, 8), torch.empty(8), torch.empty(8)
+    assert layer_norm(x, w, b).shape == x.shape
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_reference_under_autocast_is_the_float32_norm_cast(dtype):
     x, w, b = _inputs(dtype=dtype, device='cpu')
