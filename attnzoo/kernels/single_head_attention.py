@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import kernel_op
+from .dispatch import kernel_mode, kernel_op
 
 __all__ = ['single_head_attention']
 
@@ -26,8 +26,45 @@ def single_head_attention(
     Returns:
         ``(B, N, v_dim)``.
     """
+    _check_args(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dim() != 3 or q.shape != k.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(
             f'single_head_attention expects q, k of shape (B, N, qk_dim) and v of shape (B, N, v_dim), '
             f'got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}')
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+# The CPU path materialises the scores up to this many (B * N * N; 64 MiB in float32), beyond it
+# hands over to the fused kernel, which never holds them all.
+_CPU_MAX_SCORES = 1 << 24
+
+
+def _single_head_attention_cpu(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The CPU path: two matrix products and a softmax. PyTorch's fused CPU attention is built for
+    wide heads; on one head of 16 query/key channels (SHViT) it measured 2x slower at 196 tokens and
+    1.4x at 4096 than the explicit products, on one Xeon core."""
+    _check_args(q, k, v)
+    B, N, d = q.shape
+    if B * N * N > _CPU_MAX_SCORES:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    scale = d ** -0.5 if scale is None else scale
+    # beta=0: the scores are alpha * q k^T alone, the input term is ignored
+    scores = torch.baddbmm(q.new_zeros(()).expand(B, N, N), q, k.transpose(1, 2), beta=0, alpha=scale)
+    return scores.softmax(dim=-1) @ v
+
+
+def _cpu_supports(q, k, v, scale=None) -> Optional[str]:
+    if q.device.type != 'cpu' and kernel_mode() != 'cpu':
+        return f'the CPU path serves CPU tensors in mode auto, got {q.device.type}'
+    return None
+
+
+single_head_attention.register_cpu(_single_head_attention_cpu, _cpu_supports)

@@ -1,4 +1,6 @@
 """The reference ops against independent float64 transcriptions of their definitions."""
+import importlib
+
 import pytest
 import torch
 
@@ -62,6 +64,12 @@ CASES = {
         lambda q, k, v: single_head_attention.reference(q, k, v, 0.5),
         lambda q, k, v: single_head_loops(q, k, v, 0.5),
     ),
+    'single_head_cpu': (
+        lambda: [torch.randn(2, 25, 4, dtype=torch.float64), torch.randn(2, 25, 4, dtype=torch.float64),
+                 torch.randn(2, 25, 9, dtype=torch.float64)],
+        lambda q, k, v: single_head_attention.cpu(q, k, v, 0.5),
+        lambda q, k, v: single_head_loops(q, k, v, 0.5),
+    ),
 }
 
 
@@ -113,3 +121,16 @@ def test_window_attention_accepts_strided_inputs():
 def test_bad_shapes_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_single_head_cpu_path_is_auto_on_cpu_and_hands_large_maps_to_the_fused_kernel(monkeypatch):
+    module = importlib.import_module('attnzoo.kernels.single_head_attention')  # the op shadows its module
+    q, k, v = (torch.randn(1, 30, 4, dtype=torch.float64) for _ in range(3))
+    want = single_head_loops(q, k, v, 4 ** -0.5)
+    calls = []
+    monkeypatch.setattr(single_head_attention, 'reference', lambda *a, **kw: calls.append('reference'))
+    torch.testing.assert_close(single_head_attention(q, k, v), want, rtol=1e-12, atol=1e-12)
+    # beyond its limit of scores the CPU path runs the fused kernel, with the same result
+    monkeypatch.setattr(module, '_CPU_MAX_SCORES', 30 * 30 - 1)
+    torch.testing.assert_close(single_head_attention(q, k, v), want, rtol=1e-12, atol=1e-12)
+    assert calls == []
