@@ -137,3 +137,14 @@ def test_tiled_never_builds_a_dense_attention_matrix():
         na2d_tiled(q, k, v, ks, ks, 1, 1, rpb, d ** -0.5)
     # no more than the reference gathers (kh * kw copies of k), a small part of a dense matrix
     assert mode.largest <= ks * ks * B * H * W * heads * d < B * heads * (H * W) ** 2 / 10
+
+
+def test_tiled_traces_whole_under_torch_compile():
+    # the shape-dependent tables are constants to dynamo: one graph, no break (the eager backend
+    # checks the tracing without paying for code generation)
+    q, k, v = (torch.randn(1, 6, 7, 1, 4) for _ in range(3))
+    rpb = torch.randn(1, 5, 5)
+    with use_kernels('cpu'):
+        compiled = torch.compile(lambda *t: na2d(*t[:3], 3, (2, 1), t[3]), fullgraph=True, backend='eager')
+        out = compiled(q, k, v, rpb)
+    torch.testing.assert_close(out, na2d.reference(q, k, v, 3, (2, 1), rpb))
