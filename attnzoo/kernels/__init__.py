@@ -5,6 +5,7 @@ parameters. Which implementation runs is chosen by one switch (:mod:`attnzoo.ker
 """
 from .agent_attention import agent_attention
 from .channel_attention import channel_attention
+from .depthwise_conv import depthwise_conv2d
 from .dispatch import KERNEL_MODES, KernelOp, kernel_mode, set_kernel_mode, use_kernels
 from .hilo import hilo_lofi
 from .layer_norm import layer_norm
@@ -16,7 +17,8 @@ from .window_attention import window_attention
 
 __all__ = [
     'KERNEL_MODES', 'KernelOp', 'kernel_mode', 'set_kernel_mode', 'use_kernels',
-    'agent_attention', 'channel_attention', 'hilo_lofi', 'layer_norm', 'lka', 'na2d', 'single_head_attention',
+    'agent_attention', 'channel_attention', 'depthwise_conv2d', 'hilo_lofi', 'layer_norm', 'lka', 'na2d',
+    'single_head_attention',
     'super_token_association', 'super_token_sampling', 'super_token_update', 'super_token_upsampling',
     'window_attention',
 ]
