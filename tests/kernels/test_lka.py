@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from attnzoo.blocks import LargeKernelAttention
-from attnzoo.kernels import KernelOp, lka
+from attnzoo.kernels import KernelOp, lka, use_kernels
+
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
 
 def depthwise_by_shifts(x, w, b, dilation):
@@ -102,3 +104,24 @@ def test_bad_shapes_raise_value_errors_naming_them():
         lka(u, w5, b5, w7[:3], b7, w1, b1)
     with pytest.raises(ValueError, match=r'w1 of shape \(4, 4, 1, 1\).*\(4, 4\)'):
         lka(u, w5, b5, w7, b7, w1[:, :, 0, 0], b1)
+
+
+@pytest.mark.parametrize('dtype,tolerance', [(torch.float32, 1e-3), (torch.bfloat16, 1e-2)])
+def test_triton_matches_definition_with_gradients(dtype, tolerance):
+    # the Triton implementation (fused depthwise convs, the 1x1 conv as a matrix product) on a
+    # channels_last map, against the float64 definition
+    inputs = [t.to(DEVICE, dtype) for t in _inputs(1, 8, 7, 6, 5, 7, True)]
+    inputs[0] = inputs[0].to(memory_format=torch.channels_last)
+    leaves = [t.requires_grad_() for t in inputs]
+    with use_kernels('triton'):
+        out = lka(*leaves)
+    exact = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    expected = lka_definition(*exact)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, grad)
+    expected_grads = torch.autograd.grad(expected, exact, grad.cpu().double())
+    rel = lambda a, b: ((a.cpu().double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert rel(out, expected) < tolerance
+    for got, want in zip(grads, expected_grads):
+        assert got.dtype == dtype and rel(got, want) < tolerance
