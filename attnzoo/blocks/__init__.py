@@ -1,7 +1,7 @@
 """nn.Modules shared by the backbones and the task heads: attention blocks, MLPs, stems, downsamplers and
 the medical U-Nets' blocks (attention gates, PAM/CAM)."""
 from .agent import AgentAttention, AgentBlock, ShiftedWindowAttention, ShiftedWindowBlock, SwinPatchMerging
-from .conv import ConvNorm, ConvPosEnc, NormLinear, Residual
+from .conv import ConvNorm, ConvPosEnc, DepthwiseConv2d, NormLinear, Residual
 from .dual_attention import ChannelAttention, ChannelBlock, DualAttentionBlock, SpatialBlock, WindowAttention
 from .hilo import DeformableConv2d, DeformableDownsample, DWConvMlp, DWConvMlpBlock, HiLoAttention, HiLoBlock
 from .lka import DWConvMlp2d, LargeKernelAttention, LKABlock, LKASpatialAttention
@@ -22,7 +22,7 @@ from .super_token import ResidualDWMlp, SuperTokenAttention, SuperTokenBlock
 
 __all__ = [
     'AgentAttention', 'AgentBlock', 'ShiftedWindowAttention', 'ShiftedWindowBlock', 'SwinPatchMerging',
-    'ConvNorm', 'ConvPosEnc', 'NormLinear', 'Residual',
+    'ConvNorm', 'ConvPosEnc', 'DepthwiseConv2d', 'NormLinear', 'Residual',
     'ChannelAttention', 'ChannelBlock', 'DualAttentionBlock', 'SpatialBlock', 'WindowAttention',
     'DeformableConv2d', 'DeformableDownsample', 'DWConvMlp', 'DWConvMlpBlock', 'HiLoAttention', 'HiLoBlock',
     'DWConvMlp2d', 'LargeKernelAttention', 'LKABlock', 'LKASpatialAttention',

@@ -14,6 +14,7 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 
 from attnzoo.kernels import agent_attention
 
+from .conv import DepthwiseConv2d
 from .norm import PreNorm
 
 __all__ = [
@@ -75,7 +76,7 @@ class AgentAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.dwc = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.dwc = DepthwiseConv2d(dim, 3)
         # official names; the row/column grids drop the official leading singleton dim (torch cannot
         # convert a 5-D parameter to channels_last), which resize_agent_bias restores on loading
         self.an_bias = nn.Parameter(torch.zeros(num_heads, agent_num, 7, 7))

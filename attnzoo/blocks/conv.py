@@ -1,10 +1,37 @@
-"""Convolutional building pieces: conv + batch norm (foldable), residual wrappers, position encoding."""
+"""Convolutional building pieces: depthwise conv, conv + batch norm (foldable), residual wrappers,
+position encoding."""
 from typing import Union
 
 import torch
 import torch.nn as nn
+from timm.layers import register_notrace_function
 
-__all__ = ['ConvNorm', 'NormLinear', 'Residual', 'ConvPosEnc']
+from attnzoo.kernels import depthwise_conv2d
+
+__all__ = ['DepthwiseConv2d', 'ConvNorm', 'NormLinear', 'Residual', 'ConvPosEnc']
+
+# its dispatch reads the input's device, layout and dtype, which an FX proxy cannot answer: a leaf
+# when traced (timm's FX feature extraction)
+register_notrace_function(depthwise_conv2d)
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d(channels, channels, k, padding=dilation * (k // 2), dilation=dilation,
+    groups=channels)``, computed by :func:`attnzoo.kernels.depthwise_conv2d`. NCHW in and out.
+
+    The same module for checkpoints (``weight`` ``(C, 1, k, k)``, ``bias``) and for code that
+    looks for ``nn.Conv2d``; on CUDA in channels_last the fused kernel runs it (the bias in the same
+    pass, strided channels_last views read in place), elsewhere ``F.conv2d``.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, dilation: int = 1, bias: bool = True):
+        if kernel_size % 2 == 0:
+            raise ValueError(f'DepthwiseConv2d keeps the map size: the kernel size must be odd, got {kernel_size}')
+        super().__init__(channels, channels, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation,
+                         groups=channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv2d(x, self.weight, self.bias, self.dilation[0])
 
 
 class ConvNorm(nn.Sequential):
@@ -94,7 +121,7 @@ class ConvPosEnc(nn.Module):
 
     def __init__(self, dim: int, k: int = 3, act: bool = False):
         super().__init__()
-        self.proj = nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim)
+        self.proj = DepthwiseConv2d(dim, k)
         self.act = nn.GELU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torchvision.ops import deform_conv2d
 
 from attnzoo.kernels import hilo_lofi, window_attention
 
+from .conv import DepthwiseConv2d
 from .norm import PreNorm
 
 __all__ = ['HiLoAttention', 'DWConvMlp', 'DWConvMlpBlock', 'HiLoBlock', 'DeformableConv2d', 'DeformableDownsample']
@@ -109,7 +110,7 @@ class DWConvMlp(nn.Module):
         super().__init__()
         out_features = out_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, 1, 1, groups=hidden_features)
+        self.dwconv = DepthwiseConv2d(hidden_features, 3)
         self.act = act_layer()
         self.fc2 = nn.Linear(hidden_features, out_features)
         # the original's init: truncated normal linears, He-normal depthwise kernel (fan-out 9)

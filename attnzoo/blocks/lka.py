@@ -9,11 +9,17 @@ from typing import Optional, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function
 
 from attnzoo.kernels import lka
 
+from .conv import DepthwiseConv2d
+
 __all__ = ['LargeKernelAttention', 'LKASpatialAttention', 'DWConvMlp2d', 'LKABlock']
+
+# its dispatch reads the input's device, layout and dtype, which an FX proxy cannot answer: a leaf
+# when traced (timm's FX feature extraction)
+register_notrace_function(lka)
 
 
 class LargeKernelAttention(nn.Module):
@@ -53,7 +59,11 @@ class LKASpatialAttention(nn.Module):
 
 
 class DWConvMlp2d(nn.Module):
-    """1x1 conv -> depthwise 3x3 conv -> act -> dropout -> 1x1 conv -> dropout (PVTv2 / VAN). NCHW in and out."""
+    """1x1 conv -> depthwise 3x3 conv -> act -> dropout -> 1x1 conv -> dropout (PVTv2 / VAN). NCHW in and out.
+
+    The depthwise conv is a :class:`DepthwiseConv2d` (an ``nn.Conv2d`` of the same parameters),
+    run by the fused kernel on CUDA in channels_last.
+    """
 
     def __init__(
             self,
@@ -66,7 +76,7 @@ class DWConvMlp2d(nn.Module):
         super().__init__()
         out_features = out_features or in_features
         self.fc1 = nn.Conv2d(in_features, hidden_features, 1)
-        self.dwconv = nn.Conv2d(hidden_features, hidden_features, 3, padding=1, groups=hidden_features)
+        self.dwconv = DepthwiseConv2d(hidden_features, 3)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Conv2d(hidden_features, out_features, 1)

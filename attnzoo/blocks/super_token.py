@@ -8,7 +8,7 @@ from timm.layers import DropPath, LayerScale2d, to_2tuple
 
 from attnzoo.kernels import super_token_sampling, super_token_upsampling, window_attention
 
-from .conv import ConvPosEnc, Residual
+from .conv import ConvPosEnc, DepthwiseConv2d, Residual
 
 __all__ = ['SuperTokenAttention', 'ResidualDWMlp', 'SuperTokenBlock']
 
@@ -73,7 +73,7 @@ class ResidualDWMlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
         self.act = act_layer()
-        self.conv = Residual(nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim))
+        self.conv = Residual(DepthwiseConv2d(hidden_dim, 3))
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
         self.drop = nn.Dropout(drop)
 
