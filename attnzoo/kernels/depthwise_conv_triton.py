@@ -366,7 +366,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the convolution runs in: autocast's where it is on for x's device (as for
     ``F.conv2d``, which autocast runs in its lower precision; float64 stays float64), else x's."""
     device = x.device.type
-    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+    # the meta device has no autocast to ask
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(device)
     return x.dtype
 
