@@ -66,12 +66,22 @@ except ImportError:  # no Triton on this platform: the reference serves every ca
     _fused = None
 
 
+# The kernels have run only in Triton's interpreter and through the sm_90 compiler so far: `auto`
+# keeps cuDNN until a GPU run measures them faster (issue 20); ATTNZOO_KERNELS=triton runs them.
+AUTO_SELECTS_TRITON = False
+NOT_MEASURED = ('auto keeps cuDNN for depthwise convs until the Triton kernels are measured faster on a GPU; '
+                'ATTNZOO_KERNELS=triton runs them')
+
+
 def fused_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                              dilation: int = 1) -> Optional[str]:
     """None when the Triton kernel takes these inputs in the current mode, else why not. ``auto``
-    takes CUDA tensors in channels_last; ``triton`` any layout, and the CPU under Triton's interpreter."""
+    takes CUDA tensors in channels_last (once ``AUTO_SELECTS_TRITON``); ``triton`` any layout, and
+    the CPU under Triton's interpreter."""
     k = _check_args(x, weight, bias, dilation)
     forced = kernel_mode() == 'triton'
+    if not forced and not AUTO_SELECTS_TRITON:
+        return NOT_MEASURED
     return _fused.fused_unsupported_reason(x, weight, bias, k, allow_cpu=forced, channels_last_only=not forced)
 
 

@@ -4,6 +4,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import depthwise_conv
 from .dispatch import kernel_mode, kernel_op
 
 __all__ = ['lka']
@@ -101,6 +102,8 @@ def _lka_fused_supports(u, w5, b5, w7, b7, w1, b1, dilation=3):
     """As ``depthwise_conv2d``'s: ``auto`` takes CUDA tensors in channels_last."""
     k0, k1 = _check_args(u, w5, w7, w1)
     forced = kernel_mode() == 'triton'
+    if not forced and not depthwise_conv.AUTO_SELECTS_TRITON:
+        return depthwise_conv.NOT_MEASURED
     return (_fused.fused_unsupported_reason(u, w5, b5, k0, allow_cpu=forced, channels_last_only=not forced)
             or _fused.fused_unsupported_reason(u, w7, b7, k1, allow_cpu=forced, channels_last_only=not forced))
 

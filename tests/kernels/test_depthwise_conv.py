@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import timm
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import create_feature_extractor
 
 from attnzoo.blocks import ConvPosEnc, DepthwiseConv2d, DWConvMlp2d, LKABlock
-from attnzoo.kernels import depthwise_conv2d, depthwise_conv_triton, lka, use_kernels
+from attnzoo.kernels import depthwise_conv, depthwise_conv2d, depthwise_conv_triton, lka, use_kernels
 
 from ..conftest import randomize_
 from .test_lka import depthwise_by_shifts
@@ -120,7 +121,7 @@ def test_triton_reads_strided_channels_last_views_in_place():
     qkv = torch.randn(B, H * W, 3 * C, device=DEVICE)
     v = qkv[..., 2 * C:].reshape(B, H, W, C).permute(0, 3, 1, 2)
     _, w, b = _inputs((B, C, H, W), 3, True)
-    with use_kernels('auto' if DEVICE == 'cuda' else 'triton'):
+    with use_kernels('triton'):
         assert depthwise_conv2d.triton_unsupported_reason(v, w, b) is None
         out = depthwise_conv2d(v, w, b)
     assert _rel(out, depthwise_conv2d.reference(v.contiguous(), w, b)) < 1e-5
@@ -284,10 +285,13 @@ def test_dispatch_takes_the_kernel_only_where_it_runs():
         with pytest.raises(NotImplementedError, match='share a dtype'):
             depthwise_conv2d(x, w.double(), b)
     with use_kernels('auto'):
-        reason = depthwise_conv2d.triton_unsupported_reason(x, w, b)
-        # auto leaves the interpreter alone (on the CPU it runs the reference) and NCHW to cuDNN
-        assert (reason is None) if DEVICE == 'cuda' else ('CUDA' in reason)
-        if DEVICE == 'cuda':
+        # until a GPU run measures the kernels faster, auto keeps cuDNN (and the reference on a CPU)
+        assert depthwise_conv2d.triton_unsupported_reason(x, w, b) == depthwise_conv.NOT_MEASURED
+        assert torch.equal(depthwise_conv2d(x, w, b), depthwise_conv2d.reference(x, w, b))
+    if DEVICE == 'cuda':
+        with use_kernels('auto'), mock.patch.object(depthwise_conv, 'AUTO_SELECTS_TRITON', True):
+            assert depthwise_conv2d.triton_unsupported_reason(x, w, b) is None
+            # NCHW stays with cuDNN
             assert 'channels_last' in depthwise_conv2d.triton_unsupported_reason(nchw, w, b)
     assert 'up to 13' in depthwise_conv_triton.fused_unsupported_reason(x, w, b, 15, True, False)
 
@@ -354,7 +358,7 @@ VAN_CASES = [((8, 64, 56, 56), 5, 1), ((8, 64, 56, 56), 7, 3), ((4, 512, 56, 56)
 @pytest.mark.parametrize('shape,k,dilation', VAN_CASES)
 def test_cuda_van_shapes_bfloat16_channels_last(shape, k, dilation):
     x, w, b = _leaves(*_inputs(shape, k, True, torch.bfloat16))
-    with use_kernels('auto'):
+    with use_kernels('triton'):
         assert depthwise_conv2d.triton_unsupported_reason(x, w, b, dilation) is None
         out = depthwise_conv2d(x, w, b, dilation)
     exact = _leaves(x.float(), w.float(), b.float())
@@ -366,16 +370,16 @@ def test_cuda_van_shapes_bfloat16_channels_last(shape, k, dilation):
 
 
 @requires_cuda
-def test_cuda_van_train_step_auto_matches_reference_under_autocast():
+def test_cuda_van_train_step_triton_matches_reference_under_autocast():
     model = randomize_(timm.create_model('az_van_b0', num_classes=10)).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 224, 224, device='cuda').to(memory_format=torch.channels_last)
     results = {}
-    for mode in ('reference', 'auto'):
+    for mode in ('reference', 'triton'):
         model.zero_grad()
         with use_kernels(mode), torch.autocast('cuda', dtype=torch.bfloat16):
             out = model(x)
         out.float().square().mean().backward()
         results[mode] = out.float(), [p.grad.clone() for p in model.parameters()]
-    (ref, ref_grads), (out, grads) = results['reference'], results['auto']
+    (ref, ref_grads), (out, grads) = results['reference'], results['triton']
     assert _rel(out, ref) < 2e-2
     assert _rel(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])) < 5e-2
