@@ -9,13 +9,13 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, NormMlpClassifierHead, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import ClassifierHead, LayerNorm2d, NormMlpClassifierHead, SelectAdaptivePool2d, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
 
 __all__ = [
     'ChannelsLastStage', 'CheckpointMismatchError', 'CheckpointReadError', 'PretrainedWeightsNotFoundError',
     'StagedBackbone',
-    'build_backbone', 'check_input', 'check_state_dict', 'take_indices', 'unwrap_checkpoint',
+    'build_backbone', 'check_input', 'check_state_dict', 'fill_out_norms', 'take_indices', 'unwrap_checkpoint',
 ]
 
 
@@ -106,6 +106,19 @@ def check_state_dict(
         if shapes:
             lines.append(f'  shapes that differ ({len(shapes)}): ' + '; '.join(shapes))
         raise CheckpointMismatchError('\n'.join(lines))
+
+
+def fill_out_norms(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Give a checkpoint without per-stage output norms those of ``model`` (in place).
+
+    The dense settings of some families add a norm to every stage output (``out_norms``) that their
+    ImageNet checkpoints do not have; as in the official dense code those norms start from their
+    fresh init (weight one, bias zero) and the rest of the checkpoint loads strictly. A checkpoint
+    that has some of them is left alone, so that ``check_state_dict`` names what is missing.
+    """
+    if getattr(model, 'out_norms', None) is not None and not any(k.startswith('out_norms.') for k in state_dict):
+        state_dict.update({f'out_norms.{k}': v for k, v in model.out_norms.state_dict().items()})
+    return state_dict
 
 
 def _is_offline() -> bool:
@@ -209,7 +222,12 @@ class StagedBackbone(nn.Module):
       stage's output after the final norm;
     * ``checkpoint_stage_sequence``: whether grad checkpointing also runs ``checkpoint_seq`` over
       the stage sequence as a whole (under the model's own ``grad_checkpointing`` flag), not only
-      over the blocks inside each stage.
+      over the blocks inside each stage;
+    * ``out_norms``: a family whose official dense code normalises every stage output (NAT/DiNAT,
+      DaViT, LITv2, Agent-Swin: their ``norm0..norm3``) keeps them in ``self.out_norms``, built by
+      ``_make_out_norms`` when its ``out_norms`` constructor argument is set (None otherwise);
+      ``forward_intermediates`` then returns each stage's output through its norm (and ``norm``
+      has no further effect). The classification forward never uses them.
 
     The head is either one of timm's head modules in ``self.head`` (``ClassifierHead`` or
     ``NormMlpClassifierHead``: pooling, dropout and the classifier ``.fc`` in one), or
@@ -221,6 +239,10 @@ class StagedBackbone(nn.Module):
     min_input_size: int
     has_final_norm: bool = False
     checkpoint_stage_sequence: bool = False
+
+    def _make_out_norms(self, dims: Sequence[int]) -> nn.ModuleList:
+        """One LayerNorm per stage output (``nn.LayerNorm``'s eps, as the official dense code), NCHW."""
+        return nn.ModuleList([LayerNorm2d(d, eps=1e-5) for d in dims])
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -278,7 +300,8 @@ class StagedBackbone(nn.Module):
         """Stage outputs (NCHW) for ``indices`` (None: all, int n: last n, list: those), and unless
         ``intermediates_only`` the final features (the map ``forward_features`` returns) too. ``norm``
         applies the final norm to the last stage's intermediate when it is taken; without a final
-        norm it has no effect.
+        norm it has no effect. A model built with per-stage output norms (``out_norms``) returns
+        every intermediate through its stage's norm.
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"{self.family_name} intermediates are NCHW, output_fmt {output_fmt!r} is not supported")
@@ -286,12 +309,16 @@ class StagedBackbone(nn.Module):
         taken, max_index = take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         last = len(self.stages) - 1
+        out_norms = getattr(self, 'out_norms', None)
         intermediates = []
         x = self._stem(x)
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in taken:
-                intermediates.append(self._final_norm(x) if norm and i == last else x)
+                if out_norms is not None:
+                    intermediates.append(out_norms[i](x))
+                else:
+                    intermediates.append(self._final_norm(x) if norm and i == last else x)
         if intermediates_only:
             return intermediates
         return self._head_features(x), intermediates
@@ -303,9 +330,13 @@ class StagedBackbone(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages after the last index needed, the final norm (where there is one) if
-        ``prune_norm``, and the classifier unless ``prune_head=False``."""
+        ``prune_norm``, and the classifier unless ``prune_head=False``. Output norms of stages that
+        are not taken become the identity: the official dense code builds only those of its
+        ``out_indices``."""
         taken, max_index = take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
+        if getattr(self, 'out_norms', None) is not None:
+            self.out_norms = nn.ModuleList([n if i in taken else nn.Identity() for i, n in enumerate(self.out_norms)])
         if prune_norm and self.has_final_norm:
             self.norm = nn.Identity()
         if prune_head:

@@ -23,7 +23,7 @@ agent biases stored at another size or agent count.
 """
 import re
 from functools import partial
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -59,6 +59,7 @@ class AgentPVTStage(nn.Module):
             qkv_bias: bool = True,
             drop_rate: float = 0.,
             drop_path_rates: Tuple[float, ...] = (),
+            agent_shape: Optional[Tuple[int, int]] = None,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -74,7 +75,7 @@ class AgentPVTStage(nn.Module):
                 out_chs, num_heads, agent_num=agent_num, bias_size=grid_size, qkv_bias=qkv_bias,
                 mlp_ratio=mlp_ratio, proj_drop=drop_rate,
                 drop_path=drop_path_rates[i] if drop_path_rates else 0.,
-                norm_layer=partial(PreNorm, eps=1e-6))
+                norm_layer=partial(PreNorm, eps=1e-6), agent_shape=agent_shape)
             for i in range(depth)])
 
     def _pos_embed(self, H: int, W: int) -> torch.Tensor:
@@ -101,7 +102,9 @@ class AgentPVT(StagedBackbone):
     strides 4, 8, 16, 32. ``img_size`` is the training resolution, the size position embeddings and
     agent biases are stored at. Agent-PVT has no final norm, so ``forward_intermediates``' ``norm``
     is a no-op. ``no_weight_decay()`` is empty: the authors' training decays everything but 1-D
-    parameters and biases.
+    parameters and biases. ``downstream_agent_shapes`` (one agent grid per stage, the official dense
+    code's, e.g. 12x12, 16x16, 28x28, 28x28) pools the queries to those grids and resizes the biases'
+    agent grids to them; no parameter changes shape.
     """
 
     family_name = 'Agent-PVT'
@@ -121,11 +124,14 @@ class AgentPVT(StagedBackbone):
             qkv_bias: bool = True,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            downstream_agent_shapes: Optional[Sequence[Tuple[int, int]]] = None,
     ):
         super().__init__()
         num_stages = len(embed_dims)
         if not num_stages == len(depths) == len(num_heads) == len(mlp_ratios) == len(agent_nums):
             raise ValueError('embed_dims, depths, num_heads, mlp_ratios and agent_nums need one entry per stage')
+        if downstream_agent_shapes is not None and len(downstream_agent_shapes) != num_stages:
+            raise ValueError(f'downstream_agent_shapes needs one (h, w) per stage, got {downstream_agent_shapes}')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = embed_dims[-1]
@@ -147,6 +153,7 @@ class AgentPVT(StagedBackbone):
                 qkv_bias=qkv_bias,
                 drop_rate=drop_rate,
                 drop_path_rates=tuple(rates[sum(depths[:i]):sum(depths[:i + 1])]),
+                agent_shape=downstream_agent_shapes[i] if downstream_agent_shapes is not None else None,
             ))
             in_chs = embed_dims[i]
             self.feature_info.append(dict(num_chs=in_chs, reduction=stride, module=f'stages.{i}'))

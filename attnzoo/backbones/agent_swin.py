@@ -25,7 +25,7 @@ sd}``, ``layers.i`` with the merging at the end of a stage, ``relative_position_
 """
 import re
 from functools import partial
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 from attnzoo.blocks import AgentBlock, ShiftedWindowBlock, SwinPatchMerging
 
 from ._agent_common import agent_cfg, resize_to_model
-from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
+from ._helpers import StagedBackbone, build_backbone, check_state_dict, fill_out_norms, unwrap_checkpoint
 
 __all__ = ['AgentSwin']
 
@@ -62,6 +62,8 @@ class AgentSwinStage(nn.Module):
             qkv_bias: bool = True,
             drop_rate: float = 0.,
             drop_path_rates: Tuple[float, ...] = (),
+            agent_shape: Optional[Tuple[int, int]] = None,
+            clamp_window: bool = True,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -72,10 +74,12 @@ class AgentSwinStage(nn.Module):
                 qkv_bias=qkv_bias, mlp_ratio=mlp_ratio, proj_drop=drop_rate,
                 drop_path=drop_path_rates[i] if drop_path_rates else 0.)
             if i < num_agent_blocks:
-                blocks.append(AgentBlock(out_chs, num_heads, agent_num=agent_num, bias_size=bias_size, **kwargs))
+                blocks.append(AgentBlock(
+                    out_chs, num_heads, agent_num=agent_num, bias_size=bias_size, agent_shape=agent_shape, **kwargs))
             else:
                 shift = 0 if i % 2 == 0 else window_size // 2
-                blocks.append(ShiftedWindowBlock(out_chs, num_heads, window_size, shift, **kwargs))
+                blocks.append(ShiftedWindowBlock(
+                    out_chs, num_heads, window_size, shift, clamp_window=clamp_window, **kwargs))
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,12 @@ class AgentSwin(StagedBackbone):
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: padding is internal); features NCHW at
     strides 4, 8, 16, 32. ``img_size`` is the training resolution, the size the agent biases are
     stored at; ``window_size`` is the Swin blocks' window (the official model's window // 8, at least 7).
+
+    The official dense backbones differ in three ways, each a constructor argument that changes no
+    classification parameter: ``downstream_agent_shapes`` (one agent grid per stage, e.g. 9x9,
+    12x12, 14x14, 7x7: the queries are pooled to it and the biases' agent grid resized to it),
+    ``out_norms`` (a LayerNorm on every stage output, which ``forward_intermediates`` applies) and
+    ``clamp_window=False`` (Swin blocks pad a map smaller than their window instead of shrinking it).
     """
 
     family_name = 'Agent-Swin'
@@ -118,11 +128,16 @@ class AgentSwin(StagedBackbone):
             qkv_bias: bool = True,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            downstream_agent_shapes: Optional[Sequence[Tuple[int, int]]] = None,
+            out_norms: bool = False,
+            clamp_window: bool = True,
     ):
         super().__init__()
         num_stages = len(depths)
         if not num_stages == len(num_heads) == len(num_agent_blocks) == len(agent_nums):
             raise ValueError('depths, num_heads, num_agent_blocks and agent_nums need one entry per stage')
+        if downstream_agent_shapes is not None and len(downstream_agent_shapes) != num_stages:
+            raise ValueError(f'downstream_agent_shapes needs one (h, w) per stage, got {downstream_agent_shapes}')
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (num_stages - 1)
@@ -151,12 +166,16 @@ class AgentSwin(StagedBackbone):
                 qkv_bias=qkv_bias,
                 drop_rate=drop_rate,
                 drop_path_rates=tuple(rates[sum(depths[:i]):sum(depths[:i + 1])]),
+                agent_shape=downstream_agent_shapes[i] if downstream_agent_shapes is not None else None,
+                clamp_window=clamp_window,
             ))
             in_chs = out_chs
             self.feature_info.append(dict(num_chs=out_chs, reduction=stride, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         # the official nn.LayerNorm over channels-last tokens (its eps); the stages hand over NCHW maps
         self.norm = LayerNorm2d(self.num_features, eps=1e-5)
+        # the official segmentation / detection backbones normalise every stage output (norm0..norm3)
+        self.out_norms = self._make_out_norms([embed_dim * 2 ** i for i in range(num_stages)]) if out_norms else None
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
@@ -193,6 +212,8 @@ def _remap_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
             continue
         k = re.sub(r'^layers\.(\d+)\.downsample\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.', k)
         k = re.sub(r'^layers\.', 'stages.', k)
+        # the dense backbones' per-stage output norms
+        k = re.sub(r'^norm(\d)\.', r'out_norms.\1.', k)
         out[k] = v
     return out
 
@@ -213,12 +234,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: AgentSwin) -> Dict[s
 
     Agent biases stored at another training size or agent count than the model's are resized
     (bilinearly, as the official dense code resizes them in its forward pass), relative position
-    bias tables of another window bicubically (as the official fine-tuning code does).
+    bias tables of another window bicubically (as the official fine-tuning code does). Also takes
+    the backbones of the official segmentation / detection checkpoints (``norm0..norm3``); a model
+    with output norms given a classification checkpoint keeps its own fresh ones.
     """
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith('layers.') for k in state_dict):
         state_dict = _remap_official(state_dict)
     resize_to_model(state_dict, model, {'relative_position_bias_table': _resize_bias_table})
+    fill_out_norms(state_dict, model)
     check_state_dict(
         state_dict, model, 'Agent-Swin checkpoint', ignore_shape={'patch_embed.proj.weight'},
         ignore_prefixes=('head.',))

@@ -24,7 +24,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from attnzoo.blocks import ChannelBlock, NormConvDownsample, PatchStem, PreNorm, SpatialBlock
 
-from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
+from ._helpers import StagedBackbone, build_backbone, check_state_dict, fill_out_norms, unwrap_checkpoint
 
 __all__ = ['DaVit']
 
@@ -83,7 +83,8 @@ class DaVit(StagedBackbone):
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: padding is internal); features NCHW at
     strides 4, 8, 16, 32. ``forward_intermediates``' ``norm`` has no effect: DaViT's only final norm
-    sits in the head, after pooling.
+    sits in the head, after pooling. ``out_norms`` adds the per-stage output LayerNorms of the
+    official dense backbones (``forward_intermediates`` applies them).
     """
 
     family_name = 'DaViT'
@@ -108,6 +109,7 @@ class DaVit(StagedBackbone):
             named_blocks: bool = False,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            out_norms: bool = False,
     ):
         super().__init__()
         num_stages = len(embed_dims)
@@ -142,6 +144,8 @@ class DaVit(StagedBackbone):
             in_chs = embed_dims[i]
             self.feature_info.append(dict(num_chs=in_chs, reduction=2 ** (i + 2), module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
+        # the official segmentation / detection backbones normalise every stage output (norm0..norm3)
+        self.out_norms = self._make_out_norms(embed_dims) if out_norms else None
         # pool -> norm -> fc, DaViT's own head order
         self.head = NormMlpClassifierHead(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
@@ -170,6 +174,8 @@ _ORIGINAL_RULES = (
     (r'\.cpe\.1\.', '.cpe2.'),
     (r'^norms\.', 'head.norm.'),
     (r'^head\.(weight|bias)$', r'head.fc.\1'),
+    # the dense backbones' per-stage output norms
+    (r'^norm(\d)\.', r'out_norms.\1.'),
 )
 
 # Florence-2 (`vision_tower.` keys of microsoft/Florence-2-*) to ours, after stripping the prefix.
@@ -202,7 +208,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DaVit) -> Dict[str, 
     """Bring a DaViT checkpoint in any published layout to ours and check that it fits.
 
     Accepts timm's layout, the original repository's (bare or under 'state_dict' / 'model'), and a
-    whole Florence-2 checkpoint (its `vision_tower.` keys are taken, the language model's ignored).
+    whole Florence-2 checkpoint (its `vision_tower.` keys are taken, the language model's ignored),
+    and the backbones of the official segmentation / detection checkpoints (``norm0..norm3``). A
+    model with output norms given a classification checkpoint keeps its own fresh ones.
     """
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith('vision_tower.') for k in state_dict):
@@ -217,6 +225,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: DaVit) -> Dict[str, 
         out = state_dict
     else:
         out = _rename(state_dict, _ORIGINAL_RULES)
+    fill_out_norms(out, model)
     check_state_dict(out, model, 'DaViT checkpoint', ignore_shape={'stem.conv.weight'}, ignore_prefixes=('head.fc.',))
     return out
 

@@ -30,7 +30,14 @@ from timm.models import generate_default_cfgs, register_model
 
 from attnzoo.blocks import DeformableDownsample, DWConvMlpBlock, HiLoBlock
 
-from ._helpers import ChannelsLastStage, StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
+from ._helpers import (
+    ChannelsLastStage,
+    StagedBackbone,
+    build_backbone,
+    check_state_dict,
+    fill_out_norms,
+    unwrap_checkpoint,
+)
 
 __all__ = ['LITv2']
 
@@ -89,7 +96,9 @@ class LITv2(StagedBackbone):
     """LITv2: patchify stem 4x4 + LN, four stages, then LN -> pool -> linear.
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: padding is internal); features NCHW at
-    strides 4, 8, 16, 32. ``window_sizes`` holds each stage's HiLo window, None for MLP-only stages.
+    strides 4, 8, 16, 32. ``window_sizes`` holds each stage's HiLo window, None for MLP-only stages
+    (the official dense configs' ``local_ws``). ``out_norms`` adds the per-stage output LayerNorms
+    of the official dense backbones (``forward_intermediates`` applies them).
     """
 
     family_name = 'LITv2'
@@ -112,6 +121,7 @@ class LITv2(StagedBackbone):
             qkv_bias: bool = True,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            out_norms: bool = False,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -146,6 +156,8 @@ class LITv2(StagedBackbone):
         self.stages = nn.Sequential(*stages)
         # LITv2 normalises every token, then averages them: norm -> pool -> fc
         self.norm = LayerNorm2d(self.num_features, eps=1e-5)
+        # the official segmentation / detection backbones normalise every stage output (norm0..norm3)
+        self.out_norms = self._make_out_norms(embed_dims) if out_norms else None
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(self._init_weights)
 
@@ -171,12 +183,16 @@ _ORIGINAL_RULES = (
     (r'^layers\.(\d+)\.downsample\.dconv\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.conv.'),
     (r'^layers\.(\d+)\.downsample\.norm_layer\.', lambda m: f'stages.{int(m.group(1)) + 1}.downsample.norm.'),
     (r'^head\.', 'head.fc.'),
+    # the dense backbones' per-stage output norms
+    (r'^norm(\d)\.', r'out_norms.\1.'),
 )
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LITv2) -> Dict[str, torch.Tensor]:
     """Bring a LITv2 checkpoint in the official layout (bare or under 'model') or ours to ours and
-    check that it fits."""
+    check that it fits. Also takes the backbones of the official segmentation / detection
+    checkpoints (``norm0..norm3``); a model with output norms given a classification checkpoint
+    keeps its own fresh ones."""
     state_dict = unwrap_checkpoint(state_dict)
     if 'stem.conv.weight' not in state_dict:
         out = {}
@@ -185,6 +201,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: LITv2) -> Dict[str, 
                 k = re.sub(pattern, repl, k)
             out[k] = v
         state_dict = out
+    fill_out_norms(state_dict, model)
     check_state_dict(
         state_dict, model, 'LITv2 checkpoint', ignore_shape={'stem.conv.weight'}, ignore_prefixes=('head.fc.',))
     return state_dict

@@ -27,7 +27,14 @@ from timm.models import generate_default_cfgs, register_model
 
 from attnzoo.blocks import ConvNormDownsample, DoubleConvStem, NeighborhoodAttentionBlock
 
-from ._helpers import ChannelsLastStage, StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
+from ._helpers import (
+    ChannelsLastStage,
+    StagedBackbone,
+    build_backbone,
+    check_state_dict,
+    fill_out_norms,
+    unwrap_checkpoint,
+)
 
 __all__ = ['NAT', 'DINAT_DILATIONS']
 
@@ -96,7 +103,9 @@ class NAT(StagedBackbone):
     LayerNorm, then pool -> linear.
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: small maps are padded internally);
-    features NCHW at strides 4, 8, 16, 32, widths ``embed_dim * 2 ** i``.
+    features NCHW at strides 4, 8, 16, 32, widths ``embed_dim * 2 ** i``. ``out_norms`` adds the
+    per-stage output LayerNorms of the official dense backbones (``forward_intermediates`` applies
+    them); the classification forward does not use them.
     """
 
     family_name = 'NAT'
@@ -119,6 +128,7 @@ class NAT(StagedBackbone):
             drop_rate: float = 0.,
             proj_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            out_norms: bool = False,
     ):
         super().__init__()
         num_stages = len(depths)
@@ -158,6 +168,8 @@ class NAT(StagedBackbone):
         self.stages = nn.Sequential(*stages)
         # the official nn.LayerNorm over channels-last tokens (its eps); the stages hand over NCHW maps
         self.norm = LayerNorm2d(self.num_features, eps=1e-5)
+        # the official segmentation / detection backbones normalise every stage output (norm0..norm3)
+        self.out_norms = self._make_out_norms(dims) if out_norms else None
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         # the official init: truncated normal linears with zero bias, convs and norms as PyTorch makes them
@@ -208,11 +220,13 @@ _TRANSFORMERS_RULES = (
 
 
 def _move_downsamplers(key: str) -> str:
-    """Official ``levels.i`` (blocks, then the downsampler to level i + 1) to our ``stages``."""
+    """Official ``levels.i`` (blocks, then the downsampler to level i + 1) to our ``stages``, and the
+    dense backbones' ``norm{i}`` to ``out_norms.{i}``."""
     m = re.match(r'^levels\.(\d+)\.downsample\.(.*)$', key)
     if m:
         return f'stages.{int(m.group(1)) + 1}.downsample.{m.group(2)}'
-    return re.sub(r'^levels\.(\d+)\.blocks\.', r'stages.\1.blocks.', key)
+    key = re.sub(r'^levels\.(\d+)\.blocks\.', r'stages.\1.blocks.', key)
+    return re.sub(r'^norm(\d)\.', r'out_norms.\1.', key)
 
 
 def _remap_transformers(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -239,12 +253,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: NAT) -> Dict[str, to
     """Bring a NAT / DiNAT checkpoint in any published layout to ours and check that it fits.
 
     Accepts the official release files (bare, or under 'model' / 'state_dict'), the transformers
-    layout of the Hub repositories (``nat.`` / ``dinat.`` keys, separate query/key/value) and ours.
+    layout of the Hub repositories (``nat.`` / ``dinat.`` keys, separate query/key/value) and ours,
+    and the backbones of the official segmentation / detection checkpoints (``norm0..norm3``). A
+    model with output norms given a classification checkpoint keeps its own fresh ones.
     """
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith(('nat.', 'dinat.')) for k in state_dict):
         state_dict = _remap_transformers(state_dict)
-    out = {_move_downsamplers(k): v for k, v in state_dict.items()}
+    out = fill_out_norms({_move_downsamplers(k): v for k, v in state_dict.items()}, model)
     check_state_dict(
         out, model, 'NAT checkpoint', ignore_shape={'patch_embed.proj.0.weight'}, ignore_prefixes=('head.',))
     return out

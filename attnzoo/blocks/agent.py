@@ -47,6 +47,11 @@ class AgentAttention(nn.Module):
     query with its own learned biases (``ac``, ``ca``), is not pooled into agents and gets no
     depthwise-conv term (Agent-DeiT).
 
+    ``agent_shape`` pools the queries to another agent grid than the stored ``agent_num`` one (the
+    official dense code's ``downstream_agent_shape``, e.g. 12x12 agents from the 3x3 grid of an
+    ImageNet model): the biases' agent grid is then resized bilinearly in the forward pass, after
+    their spatial resize, as that code does, and no parameter changes shape.
+
     Tokens ``(B, P + H * W, C)`` in and out (``P`` = 1 with a class token, else 0), with the map size.
     """
 
@@ -59,6 +64,7 @@ class AgentAttention(nn.Module):
             class_token: bool = False,
             qkv_bias: bool = True,
             proj_drop: float = 0.,
+            agent_shape: Optional[Size] = None,
     ):
         super().__init__()
         if dim % num_heads:
@@ -69,8 +75,11 @@ class AgentAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.agent_num = agent_num
-        self.agent_grid = (pool, pool)
+        # the biases are stored for a pool x pool grid of agent_num agents; the queries are pooled
+        # to agent_grid, that grid unless a downstream agent shape is given
+        self.bias_agent_grid = (pool, pool)
+        self.agent_grid = tuple(agent_shape) if agent_shape is not None else (pool, pool)
+        self.agent_num = self.agent_grid[0] * self.agent_grid[1]
         self.num_prefix_tokens = 1 if class_token else 0
         bh, bw = to_2tuple(bias_size)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -93,9 +102,19 @@ class AgentAttention(nn.Module):
         for bias in biases:
             trunc_normal_(bias, std=.02)
 
+    def _resize_agents(self, bias: torch.Tensor) -> torch.Tensor:
+        """``(heads, n_stored, L)`` to ``(heads, n, L)``: the agent grid resized bilinearly, as the official
+        dense code resizes it (to ``downstream_agent_shape``); the bias itself when the grids agree."""
+        if self.agent_grid == self.bias_agent_grid:
+            return bias
+        heads, _, length = bias.shape
+        grid = bias.reshape(heads, *self.bias_agent_grid, length).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=self.agent_grid, mode='bilinear', align_corners=False)
+        return grid.reshape(heads, length, self.agent_num).transpose(1, 2)
+
     def position_biases(self, size: Size) -> Tuple[torch.Tensor, torch.Tensor]:
         """The agent-to-key bias ``(heads, n, P + H*W)`` and query-to-agent bias ``(heads, P + H*W, n)`` at ``size``."""
-        heads, n = self.num_heads, self.agent_num
+        heads, n = self.num_heads, self.bias_agent_grid[0] * self.bias_agent_grid[1]
         # (heads, n, H, W): agent a's bias towards map position (i, j), in both directions; the two
         # directions are resized together (one interpolation per grid size keeps compiled graphs small)
         grids = _resize(torch.cat([self.an_bias, self.na_bias]), size)
@@ -106,7 +125,7 @@ class AgentAttention(nn.Module):
         if self.num_prefix_tokens:
             agent_bias = torch.cat([self.ac_bias[0], agent_bias], dim=2)
             query_bias = torch.cat([self.ca_bias[0], query_bias], dim=1)
-        return agent_bias, query_bias
+        return self._resize_agents(agent_bias), self._resize_agents(query_bias.transpose(1, 2)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         B, N, C = x.shape
@@ -138,7 +157,8 @@ class ShiftedWindowAttention(nn.Module):
     from different regions of the shifted map get a -100 logit, as in the original), attended per
     window, and shifted back and cropped. Along a side no longer than the window, the window is
     that side and there is no shift: the classification code's rule for small maps, which Agent-Swin
-    relies on (its B blocks meet a 7x7 map in the last stage at 224).
+    relies on (its B blocks meet a 7x7 map in the last stage at 224). ``clamp_window=False`` drops
+    that rule, as the official dense code does: such a side is padded to a whole window and shifted.
     """
 
     def __init__(
@@ -149,6 +169,7 @@ class ShiftedWindowAttention(nn.Module):
             shift_size: int = 0,
             qkv_bias: bool = True,
             proj_drop: float = 0.,
+            clamp_window: bool = True,
     ):
         super().__init__()
         if dim % num_heads:
@@ -160,6 +181,7 @@ class ShiftedWindowAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.window_size = window_size
         self.shift_size = shift_size
+        self.clamp_window = clamp_window
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         trunc_normal_(self.relative_position_bias_table, std=.02)
@@ -190,9 +212,13 @@ class ShiftedWindowAttention(nn.Module):
         H, W = size
         if N != H * W:
             raise ValueError(f'ShiftedWindowAttention expects {H} * {W} tokens, got {N}')
-        wh, ww = min(self.window_size, H), min(self.window_size, W)
-        sh = self.shift_size if H > self.window_size else 0
-        sw = self.shift_size if W > self.window_size else 0
+        if self.clamp_window:
+            wh, ww = min(self.window_size, H), min(self.window_size, W)
+            sh = self.shift_size if H > self.window_size else 0
+            sw = self.shift_size if W > self.window_size else 0
+        else:
+            wh = ww = self.window_size
+            sh = sw = self.shift_size
         x = x.view(B, H, W, C)
         pad_b, pad_r = (wh - H % wh) % wh, (ww - W % ww) % ww
         if pad_b or pad_r:
@@ -285,11 +311,12 @@ class AgentBlock(TokenBlock):
             class_token: bool = False,
             qkv_bias: bool = True,
             proj_drop: float = 0.,
+            agent_shape: Optional[Size] = None,
             **kwargs,
     ):
         attn = AgentAttention(
             dim, num_heads, agent_num=agent_num, bias_size=bias_size, class_token=class_token,
-            qkv_bias=qkv_bias, proj_drop=proj_drop)
+            qkv_bias=qkv_bias, proj_drop=proj_drop, agent_shape=agent_shape)
         super().__init__(dim, attn, proj_drop=proj_drop, **kwargs)
 
 
@@ -304,9 +331,11 @@ class ShiftedWindowBlock(TokenBlock):
             shift_size: int = 0,
             qkv_bias: bool = True,
             proj_drop: float = 0.,
+            clamp_window: bool = True,
             **kwargs,
     ):
-        attn = ShiftedWindowAttention(dim, num_heads, window_size, shift_size, qkv_bias=qkv_bias, proj_drop=proj_drop)
+        attn = ShiftedWindowAttention(
+            dim, num_heads, window_size, shift_size, qkv_bias=qkv_bias, proj_drop=proj_drop, clamp_window=clamp_window)
         super().__init__(dim, attn, proj_drop=proj_drop, **kwargs)
 
 
