@@ -141,7 +141,14 @@ def build_backbone(
         feature_cfg: Dict[str, Any],
         **kwargs,
 ) -> nn.Module:
-    """timm's build_model_with_cfg, with errors that say which weights could not be had and why."""
+    """timm's build_model_with_cfg, with errors that say which weights could not be had and why.
+
+    ``output_stride`` (which timm's feature extraction and smp's encoders pass for dilated models) may
+    only be 32: no family here trades its last downsamplings for dilation.
+    """
+    output_stride = kwargs.pop('output_stride', None)
+    if output_stride not in (None, 32):
+        raise ValueError(f'{variant} does not support dilated mode: output_stride must be 32, got {output_stride}')
     if pretrained:
         cfg = resolve_pretrained_cfg(
             variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
