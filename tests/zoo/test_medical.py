@@ -196,6 +196,17 @@ def test_medusa_builds_gates_every_stage_and_trains_a_step(backbone):
     assert model.attnzoo_cfg['arch'] == 'medusa' and model.attnzoo_cfg['backbone'] == backbone
 
 
+def test_medusa_attention_body_sees_the_grayscale_image():
+    model = randomize_(create_medical_model('medusa', 'az_van_b0', in_chans=3, body_channels=(4, 4, 8, 8, 8, 8)))
+    x = torch.rand(2, 3, 40, 36)
+    chroma = torch.tensor([0.587, -0.299, 0.]).view(1, 3, 1, 1)  # orthogonal to the luma weights
+    with torch.no_grad():
+        maps, same_luma = model.eval().attention_maps(x), model.attention_maps(x + 0.3 * chroma)
+        for a, b in zip(maps, same_luma):
+            torch.testing.assert_close(a, b)
+        assert not torch.allclose(model(x), model(x + 0.3 * chroma))  # the backbone sees colour
+
+
 def test_medusa_refuses_what_it_cannot_build():
     with pytest.raises(ValueError, match='name one'):
         create_medical_model('medusa')
