@@ -21,7 +21,8 @@ sentences and figures each part follows, with its published Keras code
   ``attention_gates`` defaults to True for AGUNet and False for DAUNet; pass it to combine both.
 * "multi-scale input": the input average-pooled to every level below the first, a 3x3x3 conv
   with ReLU on it (the level's width), concatenated with the max-pooled features entering the
-  level (figure 1 shows it at every lower level, the bottleneck included).
+  level (figure 1 shows it at every lower level, the bottleneck included; the published code
+  leaves the bottleneck's out, 1.8M parameters fewer at the paper's widths).
 * "deep supervision": a 1x1 conv to the classes on every decoder level; the paper sums one loss
   per level against the ground truth downsampled to that level. In training the model returns
   the list of logits, highest resolution first, each at its level's resolution: the input
