@@ -56,6 +56,7 @@ W)``, normalised by the caller (z-scored volumes, or the backbone's pretraining 
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -70,6 +71,8 @@ from attnzoo.blocks.medical import (
     avg_pool,
     conv_type,
 )
+
+from .dense import create_dense_backbone
 
 __all__ = [
     'PAPER_CHANNELS', 'ConvEncoder', 'BackboneEncoder', 'DecoderLevel', 'AttentionUNet', 'MEDUSA',
@@ -473,7 +476,6 @@ def _build_unet(
             raise ValueError(f'zoo backbones are 2D; a 3D {arch} takes backbone=None (the paper\'s conv encoder)')
         if channels is not None:
             raise ValueError('channels sets the plain conv encoder; with a backbone, set stem_channels')
-        from .dense import create_dense_backbone
         dense = create_dense_backbone(
             backbone, dense_cfg=dense_cfg, pretrained=pretrained_backbone, in_chans=in_chans,
             **(backbone_kwargs or {}))
@@ -502,8 +504,6 @@ def _build_medusa(
         pretrained_backbone: bool = False,
         backbone_kwargs: Optional[Dict[str, Any]] = None,
 ) -> MEDUSA:
-    import timm
-
     if backbone is None:
         raise ValueError("'medusa' gates the stages of a zoo backbone: name one, e.g. backbone='az_van_b0'")
     if spatial_dims != 2:

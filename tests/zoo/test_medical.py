@@ -135,17 +135,17 @@ FAMILY_SMALLEST = ['az_agent_deit_t', 'az_agent_pvt_t', 'az_agent_swin_t', 'az_d
 
 @pytest.mark.parametrize('backbone', FAMILY_SMALLEST)
 def test_2d_zoo_encoder_every_arch_and_switch(backbone, monkeypatch):
-    from attnzoo.zoo import dense
+    from attnzoo.zoo import medical
 
     # the family's dense backbone is built once and shared by the eight models: the matrix stays cheap
-    build, built = dense.create_dense_backbone, {}
+    build, built = medical.create_dense_backbone, {}
 
     def once(name, **kwargs):
         if name not in built:
             built[name] = randomize_(build(name, **kwargs))
         return built[name]
 
-    monkeypatch.setattr(dense, 'create_dense_backbone', once)
+    monkeypatch.setattr(medical, 'create_dense_backbone', once)
     x = torch.randn(2, 1, 37, 32)  # one side padded to 64, the other the smallest accepted
     in_graph = None
     for arch, (ds, ms) in itertools.product(['agunet', 'daunet'], SWITCHES):
