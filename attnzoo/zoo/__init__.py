@@ -3,6 +3,7 @@ Hub I/O (save, push, load with model cards), the task builders and the rebuild o
 their arguments."""
 from .catalogue import ModelCard, list_models, model_card
 from .dense import create_dense_backbone
+from .detection import create_detection_model
 from .hub import eval_results_from, from_pretrained, make_model_card, push_to_hub, save_pretrained
 from .medical import create_medical_model
 from .tasks import create_task_model
@@ -10,5 +11,5 @@ from .tasks import create_task_model
 __all__ = [
     'ModelCard', 'list_models', 'model_card',
     'create_task_model', 'eval_results_from', 'from_pretrained', 'make_model_card', 'push_to_hub', 'save_pretrained',
-    'create_dense_backbone', 'create_medical_model',
+    'create_dense_backbone', 'create_detection_model', 'create_medical_model',
 ]
