@@ -249,6 +249,30 @@ def test_mmdet_checkpoint_loads_its_backbone(tmp_path):
         create_detection_model('mask_rcnn', 'az_van_b0', NUM_CLASSES, checkpoint=str(path), **small('mask_rcnn'))
 
 
+def test_dense_settings_by_name_and_their_checkpoints(tmp_path):
+    """``dense_cfg`` builds the papers' dense backbone (DaViT's detection code normalises every stage
+    output) and is recorded; a dense mmdet checkpoint must carry those norms, an ImageNet one need not."""
+    model = create_detection_model('retinanet', 'az_davit_tiny', NUM_CLASSES, dense_cfg='retinanet',
+                                   **small('retinanet'))
+    dense = model.backbone.body
+    assert dense.dense_cfg == 'retinanet' and model.attnzoo_cfg['dense_cfg'] == 'retinanet'
+    assert len(dense.body.out_norms) == 4
+    plain = create_detection_model('retinanet', 'az_davit_tiny', NUM_CLASSES, **small('retinanet'))
+    assert getattr(plain.backbone.body.body, 'out_norms', None) is None
+
+    backbone_sd = randomize_(dense.body).state_dict()
+    path = tmp_path / 'retinanet_davit_t_1x_coco.pth'
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in backbone_sd.items()}}, path)
+    loaded = create_detection_model('retinanet', 'az_davit_tiny', NUM_CLASSES, dense_cfg='retinanet',
+                                    checkpoint=path, **small('retinanet'))
+    for k, v in loaded.backbone.body.body.state_dict().items():
+        assert torch.equal(v, backbone_sd[k]), k
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in backbone_sd.items() if 'out_norms' not in k}}, path)
+    with pytest.raises(CheckpointMismatchError, match=r'missing keys \(8\): norm0\.weight, norm0\.bias, norm1'):
+        create_detection_model('retinanet', 'az_davit_tiny', NUM_CLASSES, dense_cfg='retinanet', checkpoint=path,
+                               **small('retinanet'))
+
+
 @pytest.mark.parametrize('fmt', ['pth', 'safetensors'])
 def test_saved_detector_reloads_exactly(fmt, tmp_path):
     model = randomize_(create_detection_model('mask_rcnn', 'az_shvit_s1', NUM_CLASSES, trainable_stages=3,
