@@ -17,6 +17,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from attnzoo.backbones import CheckpointMismatchError, CheckpointReadError
 from attnzoo.recipes.data.coco import CocoDetection, collate_detection, evaluate_coco, write_shapes_coco
+from attnzoo.zoo import create_task_model
 from attnzoo.zoo.detection import (
     DETECTION_ARCHS,
     _stage_groups,
@@ -285,8 +286,12 @@ def test_saved_detector_reloads_exactly(fmt, tmp_path):
         torch.save({'state_dict': model.state_dict(), 'attnzoo_cfg': cfg}, path)
     else:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-    cfg.pop('task')
-    reloaded = create_detection_model(**cfg, checkpoint=path)
+    if fmt == 'pth':
+        cfg.pop('task')
+        reloaded = create_detection_model(**cfg, checkpoint=path)
+    else:  # the Hub's way: the model from its attnzoo_cfg, then its weights
+        reloaded = create_task_model(cfg)
+        assert load_detection_checkpoint(reloaded, path) == 'detector'
     assert reloaded.attnzoo_cfg == model.attnzoo_cfg
     images = [torch.rand(3, 70, 90), torch.rand(3, 64, 64)]
     model.eval()
