@@ -165,9 +165,10 @@ class AgentPVT(StagedBackbone):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
-            stem=r'^stages\.0\.(patch_embed|pos_embed)',
+            # groups that are not layer indices must not capture: timm reads every captured group as a number
+            stem=r'^stages\.0\.(?:patch_embed|pos_embed)',
             blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.(patch_embed|pos_embed)', (0,)),
+                (r'^stages\.(\d+)\.(?:patch_embed|pos_embed)', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
             ],
         )

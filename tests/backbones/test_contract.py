@@ -246,3 +246,17 @@ def test_torch_compile_fullgraph_matches_eager(name):
     # random weights with random norm statistics can grow activations by orders of magnitude:
     # compare at the scale of the output
     assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_group_matcher_serves_timm_layer_decay(name):
+    """timm's optimizer factory groups parameters by group_matcher (layer decay) and reads every
+    captured regex group as a layer number: both granularities must group every parameter."""
+    from timm.models import group_parameters
+    from timm.optim import create_optimizer_v2
+    model = _meta(name)
+    for coarse in (True, False):
+        groups = group_parameters(model, model.group_matcher(coarse=coarse))
+        assert sum(len(names) for names in groups.values()) == len(list(model.parameters()))
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, layer_decay=0.75)
+    assert len(optimizer.param_groups) > 2
