@@ -6,8 +6,8 @@ COCO annotation stores, the box is the polygon's bounds, and the mask is the pol
 Pillow, which counts the pixels its edges touch. pycocotools' fill of the same polygon can be a
 pixel thinner along the edges (IoU 0.83 to 1.0 between the two at these sizes), so evaluations
 read masks through one rasteriser: the COCO reader's come from pycocotools. Shapes never
-overlap, so no mask is cut by another and every annotation describes what is visible. Each class has its own hue (with jitter),
-so a small model learns the task in a few dozen steps.
+overlap, so no mask is cut by another and every annotation describes what is visible. Each class
+has its own hue (with jitter), so a small model learns the task in a few dozen steps.
 
 Only numpy and Pillow: the COCO writer (``coco.py``), the segmentation-folder writer and the
 tests build on this one drawer.
