@@ -15,7 +15,7 @@ from timm.models import load_state_dict
 from attnzoo.backbones import CheckpointReadError
 from attnzoo.backbones._helpers import _is_read_error, check_state_dict
 
-__all__ = ['TASK_BUILDERS', 'create_task_model', 'load_task_checkpoint', 'model_state_from']
+__all__ = ['TASK_BUILDERS', 'create_task_model', 'load_task_checkpoint', 'model_state_from', 'read_checkpoint']
 
 # task -> (module under attnzoo.zoo, builder); imported on use, since the dense builders pull in
 # smp/torchvision detection pieces that ``import attnzoo`` must not load
@@ -71,20 +71,30 @@ def model_state_from(state_dict: Mapping[str, Any], model: nn.Module, use_ema: b
     return dict(state_dict)
 
 
+def read_checkpoint(path: str, use_ema: bool = False) -> Dict[str, Any]:
+    """The state dict in the file ``path`` as timm's ``load_state_dict`` reads it (a bare state dict,
+    or under ``state_dict``/``model``, EMA weights with ``use_ema``; ``module.`` prefixes removed).
+    Missing file: FileNotFoundError; damaged or not a checkpoint: CheckpointReadError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    try:
+        return load_state_dict(path, use_ema=use_ema)
+    except Exception as e:
+        if 'Unsupported global' in str(e):
+            raise CheckpointReadError(
+                f'checkpoint {path} holds objects other than tensors and plain values; if you trust it, load it '
+                'with torch.load(path, weights_only=False) and save its state dict alone') from e
+        if _is_read_error(e) or isinstance(e, OSError):
+            raise CheckpointReadError(f'checkpoint {path} could not be read: corrupt, truncated or not a '
+                                      f'checkpoint ({type(e).__name__}: {e})') from e
+        raise
+
+
 def load_task_checkpoint(model: nn.Module, path: str, use_ema: bool = False) -> None:
     """Load a trained task model's weights strictly from ``path``: a state dict, a training checkpoint
     (``state_dict``/``model`` keys) or a Lightning checkpoint of the recipes (``model.`` keys, the EMA
     copy with ``use_ema``). Missing file: FileNotFoundError; damaged: CheckpointReadError; weights
     that do not fit: CheckpointMismatchError naming every key and shape that differs."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
-    try:
-        state_dict = load_state_dict(path, use_ema=use_ema)
-    except Exception as e:
-        if _is_read_error(e) or isinstance(e, OSError):
-            raise CheckpointReadError(f'checkpoint {path} could not be read: corrupt, truncated or not a '
-                                      f'checkpoint ({type(e).__name__}: {e})') from e
-        raise
-    state_dict = model_state_from(state_dict, model, use_ema)
+    state_dict = model_state_from(read_checkpoint(path, use_ema), model, use_ema)
     check_state_dict(state_dict, model, source=f'checkpoint {path}')
     model.load_state_dict(state_dict)

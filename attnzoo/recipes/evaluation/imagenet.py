@@ -21,14 +21,14 @@ import timm
 import torch
 import torch.nn as nn
 from timm.data import create_dataset, create_loader, resolve_data_config
-from timm.models import load_state_dict, parse_model_name, split_model_name_tag
+from timm.models import parse_model_name, split_model_name_tag
 from timm.utils import AverageMeter, accuracy
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from attnzoo.backbones import CheckpointReadError, family_of
-from attnzoo.backbones._helpers import _is_read_error, check_state_dict
-from attnzoo.zoo.tasks import model_state_from
+from attnzoo.backbones import family_of
+from attnzoo.backbones._helpers import check_state_dict
+from attnzoo.zoo.tasks import model_state_from, read_checkpoint
 
 from .common import ClassCountMismatchError, DatasetError, EvaluationError, unwrap_worker_error
 
@@ -72,16 +72,7 @@ def load_classifier_checkpoint(model: nn.Module, path: str, use_ema: bool = Fals
     runs first, so the authors' own layouts load too. A missing file raises FileNotFoundError, a damaged one
     CheckpointReadError, one that does not fit CheckpointMismatchError naming every key and shape.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
-    try:
-        state_dict = load_state_dict(path, use_ema=use_ema)
-    except Exception as e:
-        if _is_read_error(e) or isinstance(e, OSError):
-            raise CheckpointReadError(
-                f'checkpoint {path} could not be read: corrupt, truncated or not a checkpoint '
-                f'({type(e).__name__}: {e})') from e
-        raise
+    state_dict = read_checkpoint(path, use_ema)
     state_dict = model_state_from(state_dict, model, use_ema)
     arch = getattr(model, 'pretrained_cfg', {}).get('architecture', '')
     try:
