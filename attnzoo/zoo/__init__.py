@@ -6,10 +6,11 @@ from .dense import create_dense_backbone
 from .detection import create_detection_model
 from .hub import eval_results_from, from_pretrained, make_model_card, push_to_hub, save_pretrained
 from .medical import create_medical_model
+from .segmentation import create_segmentation_model
 from .tasks import create_task_model
 
 __all__ = [
     'ModelCard', 'list_models', 'model_card',
     'create_task_model', 'eval_results_from', 'from_pretrained', 'make_model_card', 'push_to_hub', 'save_pretrained',
-    'create_dense_backbone', 'create_detection_model', 'create_medical_model',
+    'create_dense_backbone', 'create_detection_model', 'create_medical_model', 'create_segmentation_model',
 ]
