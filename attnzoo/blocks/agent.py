@@ -101,7 +101,6 @@ class AgentAttention(nn.Module):
             biases += [self.ac_bias, self.ca_bias]
         for bias in biases:
             trunc_normal_(bias, std=.02)
-        self._bias_cache: Optional[Tuple[tuple, list, Tuple[torch.Tensor, torch.Tensor]]] = None
 
     def _resize_agents(self, bias: torch.Tensor) -> torch.Tensor:
         """``(heads, n_stored, L)`` to ``(heads, n, L)``: the agent grid resized bilinearly, as the official
@@ -116,24 +115,10 @@ class AgentAttention(nn.Module):
     def position_biases(self, size: Size) -> Tuple[torch.Tensor, torch.Tensor]:
         """The agent-to-key bias ``(heads, n, P + H*W)`` and query-to-agent bias ``(heads, P + H*W, n)`` at ``size``.
 
-        Without autograd (inference), eager, the biases of the last size are kept and served again
-        while no bias parameter is replaced, moved or changed in place: they depend on nothing else,
-        and resizing them took 4 % (Agent-PVT-T) to 7 % (Agent-Swin-T) of a batch-1 forward on a CPU.
+        Computed on every call (4 % of Agent-PVT-T's and 7 % of Agent-Swin-T's batch-1 forward on a
+        CPU). Not kept between calls: a write through ``.data`` changes a parameter without a trace
+        (no version bump), and a kept bias would then be stale.
         """
-        names = ('an', 'na', 'ah', 'aw', 'ha', 'wa') + (('ac', 'ca') if self.num_prefix_tokens else ())
-        params = [getattr(self, f'{name}_bias') for name in names]
-        # FX tracing hands out proxies for parameters, torch.compile traces the computation itself,
-        # and parameters made in inference mode count no versions: in-place changes would go unseen
-        if (torch.is_grad_enabled() or torch.compiler.is_compiling() or not isinstance(params[0], torch.Tensor)
-                or params[0].is_inference()):
-            return self._compute_position_biases(size)
-        # the cache holds the parameters themselves, so their ids cannot be reused while it lives
-        key = (tuple(size),) + tuple((id(p), p.data_ptr(), p._version, p.device, p.dtype) for p in params)
-        if self._bias_cache is None or self._bias_cache[0] != key:
-            self._bias_cache = (key, params, self._compute_position_biases(size))
-        return self._bias_cache[2]
-
-    def _compute_position_biases(self, size: Size) -> Tuple[torch.Tensor, torch.Tensor]:
         heads, n = self.num_heads, self.bias_agent_grid[0] * self.bias_agent_grid[1]
         # (heads, n, H, W): agent a's bias towards map position (i, j), in both directions; the two
         # directions are resized together (one interpolation per grid size keeps compiled graphs small)
