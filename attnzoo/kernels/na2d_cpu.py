@@ -103,6 +103,15 @@ def _padded_axis(length: int, kernel_size: int, dilation: int, tile: int) -> Tup
 def _build_plan(
         H: int, W: int, kh: int, kw: int, dh: int, dw: int, tiles: Optional[Tuple[int, int]], device: torch.device,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # the plan outlives the call that builds it: made under torch.inference_mode (Lightning's validation
+    # loop, smp's tests) it would be inference tensors, which a later forward with autograd cannot save
+    with torch.inference_mode(False):
+        return _build_plan_tensors(H, W, kh, kw, dh, dw, tiles, device)
+
+
+def _build_plan_tensors(
+        H: int, W: int, kh: int, kw: int, dh: int, dw: int, tiles: Optional[Tuple[int, int]], device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tr, tc = tiles or _choose_tiles(H, W, kh, kw, dh, dw)
     q_r, k_r, o_r = _padded_axis(H, kh, dh, tr)
     q_c, k_c, o_c = _padded_axis(W, kw, dw, tc)

@@ -148,3 +148,13 @@ def test_tiled_traces_whole_under_torch_compile():
         compiled = torch.compile(lambda *t: na2d(*t[:3], 3, (2, 1), t[3]), fullgraph=True, backend='eager')
         out = compiled(q, k, v, rpb)
     torch.testing.assert_close(out, na2d.reference(q, k, v, 3, (2, 1), rpb))
+
+
+def test_plan_built_in_inference_mode_serves_autograd_later():
+    # a shape first met under torch.inference_mode (a validation loop) must not poison training
+    q, k, v = (torch.randn(1, 9, 11, 2, 4) for _ in range(3))
+    with torch.inference_mode():
+        na2d_tiled(q, k, v, 3, 3, 2, 1, None, 0.5)
+    q.requires_grad_(True)
+    na2d_tiled(q, k, v, 3, 3, 2, 1, None, 0.5).sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
