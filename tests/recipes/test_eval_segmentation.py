@@ -1,7 +1,13 @@
 """Segmentation evaluation as mmseg defines it: dataset-level mIoU/mAcc/aAcc on hand-made label maps,
 ADE20K's zero-label shift, sliding windows and multi-scale + flip."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnzoo.recipes.evaluation.segmentation import (
     SegmentationMeter,
@@ -100,3 +106,89 @@ def test_meter_refuses_what_it_cannot_measure():
     meter.update(torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), I))
     with pytest.raises(ValueError, match='no labelled pixel'):
         meter.compute()
+
+
+SCRIPT = Path(__file__).resolve().parents[2] / 'scripts' / 'eval_segmentation.py'
+SMALL = dict(channels=16, fpn_channels=16)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _oracle(model, root, mean, std, size):
+    """mIoU/mAcc/aAcc by a confusion matrix over the split (numpy), each image run at ``size`` and its
+    logits resized back: the metric computed apart from SegmentationMeter."""
+    from attnzoo.recipes.data.segmentation import SegmentationFolder
+    conf = np.zeros((4, 4), np.int64)
+    mean, std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    for image, mask in SegmentationFolder(root, 'validation'):
+        x = F.interpolate((image[None] - mean) / std, size=size, mode='bilinear', align_corners=False)
+        with torch.no_grad():
+            logits = F.interpolate(model(x), size=mask.shape, mode='bilinear', align_corners=False)
+        keep = (mask != I).numpy()
+        conf += np.bincount(4 * mask.numpy()[keep] + logits[0].argmax(0).numpy()[keep], minlength=16).reshape(4, 4)
+    inter, label, pred = np.diag(conf), conf.sum(1), conf.sum(0)
+    with np.errstate(invalid='ignore'):
+        iou, acc = inter / (label + pred - inter), inter / label
+    return {'aAcc': round(100 * inter.sum() / label.sum(), 2), 'mIoU': round(100 * np.nanmean(iou), 2),
+            'mAcc': round(100 * np.nanmean(acc), 2)}
+
+
+def test_script_end_to_end_on_the_synthetic_set_and_a_saved_model(tmp_path, capsys, one_thread):
+    from timm.models import resolve_pretrained_cfg
+
+    from attnzoo.recipes.data.segmentation import write_shapes_segmentation
+    from attnzoo.zoo import save_pretrained
+    from attnzoo.zoo.segmentation import create_segmentation_model
+    spec = importlib.util.spec_from_file_location('attnzoo_eval_segmentation_script', SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    root = write_shapes_segmentation(tmp_path / 'shapes', num_train=0, num_val=4, size=(64, 96), seed=0)
+    torch.manual_seed(0)
+    model = create_segmentation_model('fpn', 'az_van_b0', 4, **SMALL).eval()
+    checkpoint = tmp_path / 'last.ckpt'  # attnzoo-train's layout: the model under model.
+    torch.save({'state_dict': {f'model.{k}': v for k, v in model.state_dict().items()}}, checkpoint)
+    cfg = resolve_pretrained_cfg('az_van_b0')
+    # the test scale 192x128 doubles the 96x64 images (mmcv's keep-ratio rule), so resizing is exercised
+    want = _oracle(model, root, cfg.mean, cfg.std, (128, 192))
+
+    common = [str(root), '--scale', '192', '128', '-j', '0', '--device', 'cpu', '--no-progress']
+    out = tmp_path / 'arch.json'
+    assert script.main(common + ['--model', 'fpn', '--backbone', 'az_van_b0', '--num-classes', '4', '--checkpoint',
+                                 str(checkpoint), '--model-kwargs', 'channels=16', 'fpn_channels=16',
+                                 '--out', str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert {k: got[k] for k in want} == want and got['images'] == 4 and len(got['per_class']) == 4
+    printed = capsys.readouterr().out
+    assert 'per class results:' in printed and f'{want["mIoU"]:.2f}' in printed
+
+    folder = save_pretrained(model, tmp_path / 'saved', card=False)
+    again = tmp_path / 'saved.json'
+    assert script.main(common + ['--model', f'local-dir:{folder}', '--out', str(again)]) == 0
+    assert json.loads(again.read_text())['per_class'] == got['per_class']
+
+    # the papers' test options run end to end: slide windows, two scales, flip
+    assert script.main(common + ['--model', f'local-dir:{folder}', '--mode', 'slide', '--crop-size', '64', '64',
+                                 '--stride', '48', '48', '--ratios', '0.75', '1.0', '--flip']) == 0
+    assert 'slide 64x64 every 48x48, scale 192x128, ratios 0.75,1.0, flip' in capsys.readouterr().out
+
+    assert script.main(common + ['--model', 'fpn', '--backbone', 'az_van_b0', '--num-classes', '3', '--checkpoint',
+                                 str(checkpoint), '--model-kwargs', 'channels=16', 'fpn_channels=16']) == 1
+    assert 'does not fit' in capsys.readouterr().err
+    code = script.main(common[:1] + ['--split', 'test', '--model', f'local-dir:{folder}'])
+    assert code == 1 and 'images/test does not exist' in capsys.readouterr().err
+
+
+def test_labels_the_model_cannot_predict_are_refused_not_dropped():
+    from attnzoo.recipes.evaluation.common import ClassCountMismatchError
+    from attnzoo.recipes.evaluation.segmentation import evaluate_segmentation
+    data = [(torch.rand(3, 8, 8), torch.full((8, 8), 3))]  # label 3 for a 3-class model (0..2)
+    with pytest.raises(ClassCountMismatchError, match='label 3, but the model predicts 3 classes'):
+        evaluate_segmentation(torch.nn.Conv2d(3, 3, 1), data, 3, mean=(0, 0, 0), std=(1, 1, 1), scale=None,
+                              workers=0, progress=False)

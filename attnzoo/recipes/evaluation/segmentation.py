@@ -19,15 +19,21 @@ crops covered each pixel. Logits are resized (bilinear) to the original image. M
 the image for each ratio r to fit mmcv's ``keep_ratio`` scale ``(2048 r, 512 r)`` (long edge, short
 edge), runs it as is and flipped, and averages the softmax probabilities at the original size.
 """
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+import time
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .common import ClassCountMismatchError
 
 __all__ = [
-    'PAPER_RATIOS', 'SegmentationMeter', 'intersect_and_union', 'keep_ratio_size', 'predict_segmentation',
-    'reduce_zero_label', 'seg_logits',
+    'PAPER_RATIOS', 'SegmentationMeter', 'evaluate_segmentation', 'intersect_and_union', 'keep_ratio_size',
+    'load_segmenter', 'predict_segmentation', 'reduce_zero_label', 'seg_logits',
 ]
 
 IGNORE_INDEX = 255
@@ -201,6 +207,70 @@ def predict_segmentation(
     return total[0].argmax(dim=0)
 
 
-def summary_rows(metrics: Mapping[str, object]) -> List[Dict[str, object]]:
-    """Per-class rows (class, IoU, Acc) of ``SegmentationMeter.compute()`` for a table."""
-    return [dict(cls=name, IoU=v['IoU'], Acc=v['Acc']) for name, v in metrics['per_class'].items()]
+def load_segmenter(arch: str, backbone: str, num_classes: int, checkpoint: str, **kwargs: Any) -> nn.Module:
+    """``create_segmentation_model(arch, backbone, num_classes, **kwargs)`` with the trained weights of
+    ``checkpoint``: the model's own state dict (bare, in a training checkpoint or a Lightning
+    checkpoint of the recipes) or a paper's mmseg checkpoint (``load_segmentation_checkpoint``)."""
+    from attnzoo.zoo.segmentation import create_segmentation_model, load_segmentation_checkpoint
+    from attnzoo.zoo.tasks import model_state_from, read_checkpoint
+    state_dict = read_checkpoint(checkpoint)
+    model = create_segmentation_model(arch, backbone, num_classes, **kwargs)
+    load_segmentation_checkpoint(model, model_state_from(state_dict, model))
+    return model
+
+
+def _first(batch):
+    return batch[0]
+
+
+@torch.inference_mode()
+def evaluate_segmentation(
+        model: nn.Module,
+        dataset: Dataset,
+        num_classes: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        class_names: Optional[Sequence[str]] = None,
+        scale: Optional[Tuple[int, int]] = (2048, 512),
+        ratios: Sequence[float] = (1.0,),
+        flip: bool = False,
+        mode: str = 'whole',
+        crop_size: Optional[Tuple[int, int]] = None,
+        stride: Optional[Tuple[int, int]] = None,
+        workers: int = 2,
+        device: Union[str, torch.device] = 'cpu',
+        progress: bool = True,
+) -> Dict[str, Any]:
+    """mmseg's mIoU, mAcc and aAcc of ``model`` over ``dataset``, with per-class IoU and Acc.
+
+    ``dataset`` yields ``(image, mask)``: ``image`` float (3, H, W) in [0, 1], normalised here with
+    ``mean`` and ``std`` before the model sees it; ``mask`` int (H, W) with 255 where ignored (ADE20K:
+    read with ``reduce_zero_label``). ``model`` maps (1, 3, h, w) to (1, num_classes, h', w') logits.
+    Inference options as ``predict_segmentation``. Adds ``images`` and ``images_per_sec``.
+    Raises ClassCountMismatchError for a label the model cannot predict (neither 255 nor below
+    ``num_classes``), which mmseg would silently leave out.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    meter = SegmentationMeter(num_classes, class_names=class_names)
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=_first)
+    start = time.perf_counter()
+    for index, (image, mask) in enumerate(tqdm(loader, desc='segmenting', unit='img', disable=not progress,
+                                                leave=False)):
+        labelled = mask[mask != IGNORE_INDEX]
+        if labelled.numel() and (labelled.max() >= num_classes or labelled.min() < 0):
+            raise ClassCountMismatchError(
+                f'image {index} of the dataset has label {int(labelled.max())}, but the model predicts '
+                f'{num_classes} classes (0..{num_classes - 1}, 255 ignored); ADE20K-style labels with 0 for '
+                '"other" need reduce_zero_label')
+        x = (image[None].to(device) - mean_t) / std_t
+        pred = predict_segmentation(model, x, num_classes, scale=scale, ratios=ratios, flip=flip, mode=mode,
+                                    crop_size=crop_size, stride=stride)
+        meter.update(pred.cpu(), mask)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return dict(meter.compute(), images=meter.images, images_per_sec=meter.images / seconds)
