@@ -182,7 +182,9 @@ def _default_input_size(model: nn.Module) -> Tuple[int, ...]:
     if task_cfg:
         chans = task_cfg.get('in_chans', 3)
         if task_cfg['task'] == 'detection':
-            return (chans, 800, 1333)  # the COCO test size the papers quote their GFLOPs at
+            # the detector resizes its input to these bounds (torchvision's 800, 1333: the COCO test size
+            # the papers quote their GFLOPs at)
+            return (chans, task_cfg.get('min_size', 800), task_cfg.get('max_size', 1333))
         if task_cfg['task'] == 'medical' and task_cfg.get('spatial_dims') == 3:
             return (chans, 96, 96, 96)
         return (chans, 512, 512)
@@ -191,7 +193,11 @@ def _default_input_size(model: nn.Module) -> Tuple[int, ...]:
 
 def _count_gmacs(model: nn.Module, input_size: Sequence[int]) -> Optional[float]:
     """Giga multiply-adds of one forward pass on one input (the papers' "GFLOPs"), on a copy of the
-    model rebuilt on the meta device, so nothing is computed; None where the model cannot run there."""
+    model rebuilt on the meta device, so nothing is computed; None where the model cannot run there.
+
+    A detector is counted through its backbone and FPN only: its post-processing (score filtering,
+    NMS) has data-dependent shapes that the meta device cannot follow (``_gmacs_scope`` says so).
+    """
     try:
         with torch.device('meta'):
             if getattr(model, 'attnzoo_cfg', None):
@@ -199,12 +205,18 @@ def _count_gmacs(model: nn.Module, input_size: Sequence[int]) -> Optional[float]
             else:
                 twin = timm.create_model(model.pretrained_cfg['architecture'], **timm.models.get_model_args(model))
             x = torch.empty(1, *input_size)
+        if _task_of(model) == 'detection':
+            twin = twin.backbone
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             twin.eval()(x)
         return counter.get_total_flops() / 2e9
     except Exception as e:  # a meta kernel missing in some op: the card goes without the figure
         _logger.warning(f'GMACs not counted ({type(e).__name__}: {e}); pass gmacs= to state them')
         return None
+
+
+def _gmacs_scope(task: str) -> str:
+    return 'backbone and FPN, ' if task == 'detection' else ''
 
 
 def make_model_card(
@@ -253,8 +265,11 @@ def make_model_card(
     lines.append(f'- **Task:** {_TASKS[task][1]}')
     lines.append(f'- **Parameters (M):** {params:.2f}')
     size = 'x'.join(str(s) for s in input_size)
-    lines.append(f'- **GMACs:** {gmacs:.2f} at {size} (multiply-adds, what the papers call GFLOPs)' if gmacs is not None
-                 else f'- **GMACs:** not counted at {size}')
+    if gmacs is not None:
+        lines.append(f'- **GMACs:** {gmacs:.2f} at {size} ({_gmacs_scope(task)}multiply-adds, what the papers call '
+                     'GFLOPs)')
+    else:
+        lines.append(f'- **GMACs:** not counted at {size}')
     if facts['paper_name'] or facts['paper_ids']:
         lines.append(f'- **Paper:** {_paper_link(facts)}')
     lines.append(f'- **License:** {license}')
@@ -285,7 +300,8 @@ def _describe(model: nn.Module, task: str, facts: Mapping[str, Any]) -> str:
     if task == 'classification':
         return f'An image classifier from attnzoo, a timm model (`{facts["architecture"]}`).'
     cfg = model.attnzoo_cfg
-    return (f'A {_TASKS[task][1].lower()} model from attnzoo: `{cfg["arch"]}`{_backbone_phrase(cfg)}, '
+    kind = _TASKS[task][1].lower()
+    return (f'{"An" if kind[0] in "aeiou" else "A"} {kind} model from attnzoo: `{cfg["arch"]}`{_backbone_phrase(cfg)}, '
             f'{cfg.get("num_classes")} classes.')
 
 

@@ -18,6 +18,8 @@ from pycocotools.cocoeval import COCOeval
 from attnzoo.recipes.data.coco import write_shapes_coco
 
 SCRIPT = Path(__file__).resolve().parents[2] / 'scripts' / 'eval_coco.py'
+# pycocotools' mask code trips numpy 2's copy-keyword notice on every call
+pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning:pycocotools')
 NAMES = ['map', 'map_50', 'map_75', 'map_small', 'map_medium', 'map_large',
          'mar_1', 'mar_10', 'mar_100', 'mar_small', 'mar_medium', 'mar_large']
 

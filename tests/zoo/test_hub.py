@@ -181,27 +181,55 @@ def test_push_to_hub_script_dry_run_writes_a_folder_that_loads(classifier, tmp_p
     assert 'does not fit' in capsys.readouterr().err
 
 
-def _same_outputs(a, b):
-    a, b = (a if isinstance(a, (list, tuple)) else [a]), (b if isinstance(b, (list, tuple)) else [b])
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+def _same_outputs(a, b) -> bool:
+    """Equal outputs, whatever their nesting (tensors, lists of them, torchvision's detection dicts)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_outputs(a[k], b[k]) for k in a)
+    return len(a) == len(b) and all(_same_outputs(x, y) for x, y in zip(a, b))
 
 
-def test_medical_model_round_trips_by_local_dir_and_offline_hf_hub(tmp_path, offline_cache):
+def _medical():
     from attnzoo.zoo import create_medical_model
-    model = randomize_(create_medical_model('daunet', spatial_dims=3, in_chans=2, num_classes=3, channels=(4, 8),
-                                            attention_guiding=True), 3).eval()
-    folder = save_pretrained(model, tmp_path / 'daunet', repo_id='attnzoo-test/daunet')
+    model = create_medical_model('daunet', spatial_dims=3, in_chans=2, num_classes=3, channels=(4, 8),
+                                 attention_guiding=True)
+    return randomize_(model, 3), torch.randn(1, 2, 16, 16, 16)
+
+
+def _segmentation():
+    from attnzoo.zoo import create_segmentation_model
+    model = create_segmentation_model('upernet', 'az_van_b0', 5, channels=16, aux_channels=8, pool_scales=(1, 2))
+    return randomize_(model, 4), torch.randn(1, 3, 64, 96)
+
+
+def _detection():
+    from attnzoo.zoo import create_detection_model
+    torch.manual_seed(0)
+    model = create_detection_model('fcos', 'az_van_b0', 4, min_size=64, max_size=96, fpn_channels=64,
+                                   topk_candidates=32, detections_per_img=5, score_thresh=0.0)
+    return model, [torch.rand(3, 64, 96)]
+
+
+@pytest.mark.parametrize('build', [_medical, _segmentation, _detection], ids=['medical', 'segmentation', 'detection'])
+def test_task_models_round_trip_by_local_dir_and_offline_hf_hub(build, tmp_path, offline_cache):
+    model, x = build()
+    model.eval()
+    task = model.attnzoo_cfg['task']
+    folder = save_pretrained(model, tmp_path / task, repo_id=f'attnzoo-test/{task}')
     config = json.loads((folder / 'config.json').read_text())
     assert config['attnzoo_cfg'] == json.loads(json.dumps(model.attnzoo_cfg))
     card = ModelCard.load(folder / 'README.md')
-    assert card.data.library_name == 'attnzoo' and card.data.pipeline_tag == 'image-segmentation'
-    assert '**Architecture:** daunet (its own convolutional encoder)' in card.text
-    assert "attnzoo.zoo.from_pretrained('hf-hub:attnzoo-test/daunet')" in card.text
+    assert card.data.library_name == 'attnzoo' and 'not counted' not in card.text  # GMACs on the meta device
+    assert f"attnzoo.zoo.from_pretrained('hf-hub:attnzoo-test/{task}')" in card.text
+    if task == 'medical':
+        assert '**Architecture:** daunet (its own convolutional encoder)' in card.text
+    else:
+        assert '**Paper:** [Visual Attention Network](https://arxiv.org/abs/2202.09741)' in card.text
 
-    hand_laid_cache(offline_cache, 'attnzoo-test/daunet', folder)
-    x = torch.randn(1, 2, 16, 16, 16)
+    hand_laid_cache(offline_cache, f'attnzoo-test/{task}', folder)
     with torch.no_grad():
         want = model(x)
-        for name in (f'local-dir:{folder}', str(folder), 'hf-hub:attnzoo-test/daunet'):
+        for name in (f'local-dir:{folder}', str(folder), f'hf-hub:attnzoo-test/{task}'):
             loaded = from_pretrained(name).eval()
             assert type(loaded) is type(model) and _same_outputs(loaded(x), want), name
