@@ -44,7 +44,7 @@ from attnzoo.backbones import CheckpointMismatchError, CheckpointReadError, fami
 from attnzoo.backbones._helpers import _is_read_error, check_state_dict, unwrap_checkpoint
 
 from .dense import create_dense_backbone
-from .tasks import load_task_checkpoint
+from .tasks import model_state_from
 
 __all__ = [
     'DETECTION_ARCHS', 'DenseBackboneWithFPN', 'create_detection_backbone', 'create_detection_model',
@@ -248,7 +248,7 @@ def load_detection_checkpoint(
     detector's backbone; mmdet's neck and heads are not torchvision's and stay as built. A whole
     detector saved by attnzoo (torchvision's keys ``backbone.body.*``, ``backbone.fpn.*``, ``rpn.*``,
     ``roi_heads.*``, ``head.*``; a state dict, a training or Lightning checkpoint, ``.safetensors``)
-    loads strictly (``attnzoo.zoo.tasks.load_task_checkpoint``). Raises FileNotFoundError,
+    loads strictly, whether its batch norms were frozen or not. Raises FileNotFoundError,
     CheckpointReadError for unreadable files, and CheckpointMismatchError naming every key and shape
     that does not fit. Returns what was loaded: ``'backbone'`` or ``'detector'``.
     """
@@ -258,12 +258,25 @@ def load_detection_checkpoint(
     if _is_mmdet(state_dict):
         _load_mmdet_backbone(model, state_dict, source)
         return 'backbone'
-    if is_path:
-        load_task_checkpoint(model, os.fspath(checkpoint))
-    else:
-        check_state_dict(state_dict, model, source=source)
-        model.load_state_dict(state_dict)
+    # a Lightning checkpoint of the recipes holds the detector under `model.`
+    state_dict = _match_batch_norm_counters(model_state_from(state_dict, model), model)
+    check_state_dict(state_dict, model, source=source)
+    model.load_state_dict(state_dict)
     return 'detector'
+
+
+def _match_batch_norm_counters(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """A detector saved with trainable batch norms loads into frozen ones and the other way round:
+    only ``num_batches_tracked`` differs between the two (FrozenBatchNorm2d keeps no count), and a
+    norm with a momentum never reads it. Counts the model has no buffer for are dropped; a count it
+    expects but the file lacks (saved frozen) starts at zero."""
+    expected = model.state_dict()
+    out = {k: v for k, v in state_dict.items() if not (k.endswith('.num_batches_tracked') and k not in expected)}
+    for key, value in expected.items():
+        prefix = key[:-len('num_batches_tracked')]
+        if key.endswith('.num_batches_tracked') and key not in out and prefix + 'running_mean' in out:
+            out[key] = torch.zeros_like(value)
+    return out
 
 
 def create_detection_model(

@@ -71,6 +71,24 @@ def test_ground_truth_as_predictions_scores_ap_one(shapes_coco, iou_type):
     assert stats[8] == pytest.approx(1.0)  # AR@100
 
 
+def test_mask_evaluation_sizes_detections_by_their_masks(shapes_coco):
+    """A false positive whose mask is medium-sized but whose box is tiny: the segm evaluation counts it
+    among the medium detections (its mask's area), as it would with no box at all."""
+    image_dir, ann_file = shapes_coco[1]['val']
+    ds = CocoDetection(image_dir, ann_file)
+    results = _gt_as_predictions(ds)
+    blob = np.zeros((48, 64), dtype=np.uint8, order='F')
+    blob[4:44, 8:48] = 1  # 1600 pixels: COCO's medium range
+    rle = mask_utils.encode(blob)
+    rle['counts'] = rle['counts'].decode('ascii')
+    fp = dict(image_id=results[0]['image_id'], category_id=results[0]['category_id'], score=2.,
+              segmentation=rle, bbox=[0., 0., 1., 1.])
+    with_box = evaluate_coco(ds.coco, results + [fp], 'segm')
+    without_box = evaluate_coco(ds.coco, [{k: v for k, v in r.items() if k != 'bbox'} for r in results + [fp]], 'segm')
+    assert np.array_equal(with_box, without_box)
+    assert with_box[4] < 1.  # AP medium pays for the false positive
+
+
 def test_reader_round_trip(shapes_coco):
     """The reader gives back what the writer drew: the pixels, the boxes, the labels, and masks that are
     pycocotools' rasterisation of the drawn polygons (within a pixel of the drawn masks)."""

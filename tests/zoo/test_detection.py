@@ -308,6 +308,15 @@ def test_saved_detector_reloads_exactly(fmt, tmp_path):
         for k in a:
             assert torch.equal(a[k], b[k]), k
 
+    # without frozen_bn=False, a checkpoint makes the backbone's batch norms frozen ones: the detector
+    # saved with trainable norms still loads (only their step counts differ), and computes the same
+    frozen = create_detection_model('mask_rcnn', 'az_shvit_s1', NUM_CLASSES, trainable_stages=3, checkpoint=path,
+                                    **small('mask_rcnn')).eval()
+    assert frozen.attnzoo_cfg['frozen_bn'] is True
+    with torch.no_grad():
+        for name, f in model.backbone(x).items():
+            # FrozenBatchNorm2d folds the statistics into a scale and shift first: float32 rounding apart
+            assert (frozen.backbone(x)[name] - f).norm() / f.norm() < 1e-5, name
     other = create_detection_model('mask_rcnn', 'az_shvit_s1', 5, **small('mask_rcnn'))  # one class more
     with pytest.raises(CheckpointMismatchError, match=r'roi_heads\.box_predictor\.cls_score\.weight: .* \(4, 32\) '
                                                       r'vs model \(5, 32\)'):

@@ -325,14 +325,19 @@ def evaluate_coco(coco_gt, results: Sequence[Mapping[str, Any]], iou_type: str =
     """pycocotools' COCOeval of ``results`` against ``coco_gt`` (a ``COCO`` object, e.g.
     ``CocoDetection.coco``): the 12 numbers of its summary (AP, AP50, AP75, AP S/M/L, AR 1/10/100,
     AR S/M/L), with -1 where there is nothing to measure, as pycocotools gives them. ``image_ids``
-    restricts the evaluation (default: every image of ``coco_gt``). No results gives zeros."""
+    restricts the evaluation (default: every image of ``coco_gt``). No results gives zeros.
+
+    For 'segm' the detections' boxes are left out: given a box, pycocotools' ``loadRes`` takes the
+    box's area as the detection's, so the small/medium/large split would follow boxes, not masks
+    (torchvision's and detectron2's evaluations hand it masks alone, as ``scripts/eval_coco.py`` does)."""
     from pycocotools.cocoeval import COCOeval
     if iou_type not in ('bbox', 'segm'):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     if not results:
         return np.zeros(12)
+    drop = {'bbox', 'area'} if iou_type == 'segm' else set()
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([dict(r) for r in results])
+        coco_dt = coco_gt.loadRes([{k: v for k, v in r.items() if k not in drop} for r in results])
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = list(image_ids)
