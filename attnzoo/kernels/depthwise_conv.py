@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import kernel_mode, kernel_op
+from .dispatch import kernel_mode, kernel_op, under_autograd
 
 __all__ = ['depthwise_conv2d']
 
@@ -66,22 +66,25 @@ except ImportError:  # no Triton on this platform: the reference serves every ca
     _fused = None
 
 
-# The kernels have run only in Triton's interpreter and through the sm_90 compiler so far: `auto`
-# keeps cuDNN until a GPU run measures them faster (issue 20); ATTNZOO_KERNELS=triton runs them.
-AUTO_SELECTS_TRITON = False
-NOT_MEASURED = ('auto keeps cuDNN for depthwise convs until the Triton kernels are measured faster on a GPU; '
-                'ATTNZOO_KERNELS=triton runs them')
+# H100, bf16, channels_last, VAN-B2's shapes (benchmarks/2026-12-06-h100-depthwise-conv): forward
+# only, the fused kernel beats cuDNN on VAN-B2's 63 depthwise convs 3.4x in all (the dilated 7x7
+# 3-8x, the 3x3 and 5x5 1.2-1.6x, 0.6x only on the 7x7 maps' 5x5). Forward and backward it wins on
+# the dilated convs (2-4x, 0.7x on 7x7 maps; cuDNN has no fast dilated depthwise kernel) and loses
+# on undilated ones (0.3-0.7x: its weight gradient's reduction is slower than cuDNN's). So `auto`
+# takes the kernel for every conv outside autograd and only for dilated ones under it.
+UNDILATED_TRAINING = ('under autograd cuDNN is faster for undilated depthwise convs (measured on an H100); '
+                      'ATTNZOO_KERNELS=triton runs the kernel anyway')
 
 
 def fused_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                              dilation: int = 1) -> Optional[str]:
     """None when the Triton kernel takes these inputs in the current mode, else why not. ``auto``
-    takes CUDA tensors in channels_last (once ``AUTO_SELECTS_TRITON``); ``triton`` any layout, and
-    the CPU under Triton's interpreter."""
+    takes CUDA tensors in channels_last, under autograd only for dilated convs; ``triton`` any
+    layout, and the CPU under Triton's interpreter."""
     k = _check_args(x, weight, bias, dilation)
     forced = kernel_mode() == 'triton'
-    if not forced and not AUTO_SELECTS_TRITON:
-        return NOT_MEASURED
+    if not forced and dilation == 1 and under_autograd(x, weight, bias):
+        return UNDILATED_TRAINING
     return _fused.fused_unsupported_reason(x, weight, bias, k, allow_cpu=forced, channels_last_only=not forced)
 
 

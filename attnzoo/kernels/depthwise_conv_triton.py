@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import autocast_dtype
+
 __all__ = ['depthwise_conv2d_fused', 'fused_unsupported_reason', 'MAX_KERNEL_SIZE']
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -365,11 +367,8 @@ class _DepthwiseConv2dFunction(torch.autograd.Function):
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the convolution runs in: autocast's where it is on for x's device (as for
     ``F.conv2d``, which autocast runs in its lower precision; float64 stays float64), else x's."""
-    device = x.device.type
-    # the meta device has no autocast to ask
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    dtype = autocast_dtype(x)
+    return dtype if dtype is not None and x.dtype != torch.float64 else x.dtype
 
 
 def fused_unsupported_reason(
@@ -386,8 +385,9 @@ def fused_unsupported_reason(
     dtype = _compute_dtype(x)
     if dtype not in _DTYPES:
         return f'the kernel computes in one of {_DTYPES}, got {dtype}'
-    if dtype == x.dtype and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)):
+    if autocast_dtype(x) is None and (weight.dtype != dtype or (bias is not None and bias.dtype != dtype)):
         # outside autocast, F.conv2d takes one dtype for all three: the reference raises its error
+        # (under autocast the float32 weights are cast, as autocast casts them for F.conv2d)
         return f'x, weight and bias must share a dtype, got {x.dtype}, {weight.dtype}, ' \
                f'{None if bias is None else bias.dtype}'
     if k > MAX_KERNEL_SIZE:

@@ -18,9 +18,29 @@ import functools
 import os
 from typing import Callable, Iterator, Optional
 
-__all__ = ['KERNEL_MODES', 'kernel_mode', 'set_kernel_mode', 'use_kernels', 'kernel_op', 'KernelOp']
+import torch
+
+__all__ = ['KERNEL_MODES', 'kernel_mode', 'set_kernel_mode', 'use_kernels', 'kernel_op', 'KernelOp', 'autocast_dtype',
+           'under_autograd']
 
 KERNEL_MODES = ('auto', 'reference', 'triton', 'cpu')
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """Autocast's dtype where autocast is on for ``x``'s device, else None."""
+    device_type = x.device.type
+    # the meta device (FLOP counting) has no autocast to ask; dynamo (torch 2.11) cannot trace
+    # is_autocast_available, and compiled code never sees meta tensors
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def under_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records an op on these tensors (a training step, not inference)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _validate_mode(mode: str) -> str:

@@ -4,17 +4,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import kernel_mode, kernel_op
+from .dispatch import autocast_dtype, kernel_mode, kernel_op, under_autograd
 
 __all__ = ['layer_norm']
-
-
-def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    device_type = x.device.type
-    # the meta device (FLOP counting) has no autocast to ask
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
 
 
 @kernel_op
@@ -38,7 +30,7 @@ def layer_norm(
         ``x``'s shape; autocast's dtype under autocast, else ``x``'s dtype.
     """
     shape = x.shape[-1:]
-    dtype = _autocast_dtype(x)
+    dtype = autocast_dtype(x)
     if dtype is None:
         return F.layer_norm(x, shape, weight, bias, eps)
     with torch.autocast(x.device.type, enabled=False):
@@ -55,7 +47,7 @@ def _layer_norm_fused(x, weight, bias, eps=1e-5):
     if torch.compiler.is_compiling():
         # traced, the reference is a float32 norm and a cast, which inductor fuses into one kernel
         return layer_norm.reference(x, weight, bias, eps)
-    return _fused.layer_norm_fused(x, weight, bias, eps, _autocast_dtype(x) or x.dtype)
+    return _fused.layer_norm_fused(x, weight, bias, eps, autocast_dtype(x) or x.dtype)
 
 
 # Under autograd the fused forward and backward cost about 0.15 ms more host time per call than
@@ -69,11 +61,10 @@ MIN_TRAINING_ELEMENTS = 8 * 2 ** 20
 def _fused_supports(x, weight, bias, eps=1e-5):
     forced = kernel_mode() == 'triton'
     if not forced:
-        if _autocast_dtype(x) is None:
+        if autocast_dtype(x) is None:
             # outside autocast PyTorch's own kernel already reads and writes the tensor once
             return 'outside autocast F.layer_norm is as fast'
-        training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        if training and x.numel() < MIN_TRAINING_ELEMENTS:
+        if under_autograd(x, weight, bias) and x.numel() < MIN_TRAINING_ELEMENTS:
             return f'under autograd below {MIN_TRAINING_ELEMENTS} elements the host cost of the launches outweighs'
     return _fused.fused_unsupported_reason(x, weight, bias, allow_cpu=forced)
 

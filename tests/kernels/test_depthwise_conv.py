@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from unittest import mock
 
 import pytest
 import timm
@@ -285,14 +284,19 @@ def test_dispatch_takes_the_kernel_only_where_it_runs():
         with pytest.raises(NotImplementedError, match='share a dtype'):
             depthwise_conv2d(x, w.double(), b)
     with use_kernels('auto'):
-        # until a GPU run measures the kernels faster, auto keeps cuDNN (and the reference on a CPU)
-        assert depthwise_conv2d.triton_unsupported_reason(x, w, b) == depthwise_conv.NOT_MEASURED
-        assert torch.equal(depthwise_conv2d(x, w, b), depthwise_conv2d.reference(x, w, b))
-    if DEVICE == 'cuda':
-        with use_kernels('auto'), mock.patch.object(depthwise_conv, 'AUTO_SELECTS_TRITON', True):
-            assert depthwise_conv2d.triton_unsupported_reason(x, w, b) is None
+        # outside autograd auto takes the kernel on CUDA in channels_last
+        reason = depthwise_conv2d.triton_unsupported_reason(x, w, b)
+        assert (reason is None) if DEVICE == 'cuda' else ('CUDA' in reason)
+        if DEVICE == 'cuda':
             # NCHW stays with cuDNN
             assert 'channels_last' in depthwise_conv2d.triton_unsupported_reason(nchw, w, b)
+        # under autograd it keeps cuDNN for undilated convs (faster there on an H100), on any device
+        xg, wg, bg = _leaves(x, w, b)
+        assert depthwise_conv2d.triton_unsupported_reason(xg, wg, bg) == depthwise_conv.UNDILATED_TRAINING
+        assert torch.equal(depthwise_conv2d(xg, wg, bg), depthwise_conv2d.reference(x, w, b))
+        # and takes the kernel for dilated ones
+        reason = depthwise_conv2d.triton_unsupported_reason(xg, wg, bg, 2)
+        assert (reason is None) if DEVICE == 'cuda' else ('CUDA' in reason)
     assert 'up to 13' in depthwise_conv_triton.fused_unsupported_reason(x, w, b, 15, True, False)
 
 
@@ -374,12 +378,15 @@ def test_cuda_van_train_step_triton_matches_reference_under_autocast():
     model = randomize_(timm.create_model('az_van_b0', num_classes=10)).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 224, 224, device='cuda').to(memory_format=torch.channels_last)
     results = {}
-    for mode in ('reference', 'triton'):
+    # triton: every depthwise conv through the kernel; auto: the dilated ones (and the rest outside autograd)
+    for mode in ('reference', 'triton', 'auto'):
         model.zero_grad()
         with use_kernels(mode), torch.autocast('cuda', dtype=torch.bfloat16):
             out = model(x)
         out.float().square().mean().backward()
         results[mode] = out.float(), [p.grad.clone() for p in model.parameters()]
-    (ref, ref_grads), (out, grads) = results['reference'], results['triton']
-    assert _rel(out, ref) < 2e-2
-    assert _rel(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])) < 5e-2
+    ref, ref_grads = results['reference']
+    for mode in ('triton', 'auto'):
+        out, grads = results[mode]
+        assert _rel(out, ref) < 2e-2
+        assert _rel(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])) < 5e-2
