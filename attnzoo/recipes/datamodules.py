@@ -15,10 +15,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
+from .data.coco import collate_detection
 from .sampling import EvalSampler, SeededDataset, TrainSampler
 from .transforms import Preset, create_transform
 
-__all__ = ['BaseDataModule', 'DigitsDataModule', 'ImageFolderDataModule']
+__all__ = [
+    'BaseDataModule', 'CocoDataModule', 'DigitsDataModule', 'ImageFolderDataModule', 'SegmentationFolderDataModule',
+    'ShapesCocoDataModule', 'ShapesSegmentationDataModule', 'SyntheticVolumesDataModule', 'VolumeDataModule',
+    'cache_dir',
+]
 
 Size = Union[int, List[int]]
 
@@ -196,3 +201,257 @@ class ImageFolderDataModule(BaseDataModule):
         if split not in self.dirs:
             raise ValueError(f'split {split!r} is not one of {sorted(self.dirs)}')
         return ImageFolderDataset(os.path.join(self.root, self.dirs[split]), transform=transform, classes=self.classes)
+
+
+# ---------------------------------------------------------------------------------------------- embedded sets
+
+def cache_dir(name: str) -> str:
+    """Where an embedded synthetic set is written: ``$ATTNZOO_CACHE/<name>`` (default
+    ``~/.cache/attnzoo/<name>``), the name carrying every argument that changes its files."""
+    root = os.environ.get('ATTNZOO_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'attnzoo')
+    return os.path.join(root, name)
+
+
+def _write_once(root: str, write: Callable[[str], Any]) -> None:
+    """Write a set into ``root`` unless it is there: into a temporary sibling, then renamed, so
+    processes of a DDP run (or runs side by side) never read a half-written set."""
+    if os.path.isdir(root):
+        return
+    import shutil
+    import tempfile
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.writing-', dir=parent)
+    try:
+        write(tmp)
+        os.rename(tmp, root)
+    except OSError:
+        if not os.path.isdir(root):  # not another writer winning the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- segmentation
+
+class SegmentationFolderDataModule(BaseDataModule):
+    """Semantic segmentation folders in ADE20K's layout (``root/images/<split>/*.jpg``,
+    ``root/annotations/<split>/*.png``; see ``attnzoo.recipes.data.segmentation``).
+
+    Batches are ``(image, mask)``: float32 (B, 3, H, W) in [0, 1] and int64 (B, H, W), 255 ignored.
+    Presets: mmseg's ADE20K pipeline (random rescale 0.5-2x, 512x512 crop padded with the ignore
+    index, flip, photometric distortion) and its evaluation resize (shorter side 512, ratio kept:
+    images differ in size, so evaluate with ``eval_batch_size: 1``).
+
+    Args:
+        root: the folder holding ``images/`` and ``annotations/``.
+        reduce_zero_label: ADE20K's label shift (0 ignored, 1..150 to 0..149).
+        num_classes: classes after the shift (ADE20K: 150); None: ``len(classes)``.
+        classes: class names by label, for the figures.
+        splits: the folder of each split (default training, validation, and validation for test).
+        img_suffix: the images' suffix (ADE20K: ``.jpg``).
+        seg_map_suffix: the annotations' suffix.
+    """
+
+    def __init__(self, root: str, reduce_zero_label: bool = False, num_classes: Optional[int] = None,
+                 classes: Optional[List[str]] = None, splits: Optional[Dict[str, str]] = None,
+                 img_suffix: str = '.jpg', seg_map_suffix: str = '.png', image_size: Size = 512,
+                 train_preset: Optional[str] = 'ade20k', eval_preset: Optional[str] = 'ade20k_eval',
+                 **kwargs: Any) -> None:
+        super().__init__(image_size=image_size, train_preset=train_preset, eval_preset=eval_preset, **kwargs)
+        self.root = root
+        self.reduce_zero_label = reduce_zero_label
+        self.classes = list(classes) if classes is not None else None
+        if num_classes is not None and self.classes is not None and num_classes != len(self.classes):
+            raise ValueError(f'num_classes {num_classes} but {len(self.classes)} class names')
+        self.num_classes = num_classes if num_classes is not None else (len(self.classes) if self.classes else None)
+        self.splits = {'train': 'training', 'val': 'validation', 'test': 'validation', **(splits or {})}
+        self.img_suffix = img_suffix
+        self.seg_map_suffix = seg_map_suffix
+
+    def build_dataset(self, split: str, transform: Optional[Preset]) -> Dataset:
+        from .data.segmentation import SegmentationFolder
+        if split not in self.splits:
+            raise ValueError(f'split {split!r} is not one of {sorted(self.splits)}')
+        return SegmentationFolder(self.root, self.splits[split], reduce_zero_label=self.reduce_zero_label,
+                                  transform=transform, img_suffix=self.img_suffix,
+                                  seg_map_suffix=self.seg_map_suffix, classes=self.classes)
+
+
+class ShapesSegmentationDataModule(SegmentationFolderDataModule):
+    """The embedded drawn-shapes segmentation set (``write_shapes_segmentation``: background,
+    rectangle, ellipse, triangle), written once into a cache folder (``cache_dir``) or ``root``.
+    ``size`` is the images' (H, W); the 'shapes' preset crops, flips and colour-jitters training
+    images to ``image_size``; validation and test (the same held-out images) are left as drawn."""
+
+    def __init__(self, root: Optional[str] = None, num_train: int = 64, num_val: int = 16,
+                 size: Tuple[int, int] = (64, 96), data_seed: int = 0, image_size: Size = (64, 96),
+                 train_preset: Optional[str] = 'shapes', eval_preset: Optional[str] = None, **kwargs: Any) -> None:
+        from .data.segmentation import SHAPES_SEGMENTATION_CLASSES
+        h, w = size
+        name = f'shapes_segmentation-{num_train}-{num_val}-{h}x{w}-seed{data_seed}'
+        super().__init__(root or cache_dir(name), classes=list(SHAPES_SEGMENTATION_CLASSES), img_suffix='.jpg',
+                         image_size=image_size, train_preset=train_preset, eval_preset=eval_preset, **kwargs)
+        self.write_args = dict(num_train=num_train, num_val=num_val, size=(h, w), seed=data_seed)
+
+    def prepare_data(self) -> None:
+        from .data.segmentation import write_shapes_segmentation
+        _write_once(self.root, lambda tmp: write_shapes_segmentation(tmp, **self.write_args))
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()  # used without a trainer, or on a node whose local rank 0 has not written it
+        super().setup(stage)
+
+
+# ---------------------------------------------------------------------------------------------- detection
+
+class CocoDataModule(BaseDataModule):
+    """COCO json + image folders (``attnzoo.recipes.data.coco.CocoDetection``), batched for
+    torchvision's detectors: ``(images, targets)``, lists (images float32 (3, H, W) in [0, 1] of any
+    size; targets with ``boxes`` x0, y0, x1, y1, ``labels`` 1..K, ``masks`` with ``masks=True``).
+
+    Albumentations presets move boxes (``BboxParams(format='coco')``) and masks with the images;
+    the detector resizes (``min_size``/``max_size`` of the model). Training leaves out images
+    without annotations, as torchvision's reference does; evaluation keeps every image.
+
+    Args:
+        root: prefix of the paths below (COCO: the folder holding ``train2017/``, ``annotations/``).
+        train_images, train_ann, val_images, val_ann: folders and jsons of the splits.
+        test_images, test_ann: the test split (default: the validation one).
+        masks: read instance masks (Mask R-CNN).
+    """
+
+    boxes = True
+    collate_fn = staticmethod(collate_detection)
+
+    def __init__(self, root: str = '', train_images: str = 'train2017',
+                 train_ann: str = 'annotations/instances_train2017.json', val_images: str = 'val2017',
+                 val_ann: str = 'annotations/instances_val2017.json', test_images: Optional[str] = None,
+                 test_ann: Optional[str] = None, masks: bool = False, image_size: Size = 800,
+                 train_preset: Optional[str] = 'coco', eval_preset: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(image_size=image_size, train_preset=train_preset, eval_preset=eval_preset, **kwargs)
+        self.root = root
+        self.files = {'train': (train_images, train_ann), 'val': (val_images, val_ann),
+                      'test': (test_images or val_images, test_ann or val_ann)}
+        self.masks = masks
+
+    @property
+    def classes(self) -> List[str]:
+        """Names by label, ``classes[0]`` the background."""
+        return list(self.dataset('val').classes)
+
+    @property
+    def num_classes(self) -> int:
+        """Categories + background: what torchvision's detectors take."""
+        return self.dataset('val').num_classes
+
+    def build_dataset(self, split: str, transform: Optional[Preset]) -> Dataset:
+        from .data.coco import CocoDetection
+        if split not in self.files:
+            raise ValueError(f'split {split!r} is not one of {sorted(self.files)}')
+        images, ann = (os.path.join(self.root, p) for p in self.files[split])
+        return CocoDetection(images, ann, transform=transform, masks=self.masks, skip_empty=split == 'train')
+
+
+class ShapesCocoDataModule(CocoDataModule):
+    """The embedded drawn-shapes COCO set (``write_shapes_coco``: rectangles, ellipses, triangles
+    with exact polygons), written once into a cache folder (``cache_dir``) or ``root``:
+    ``num_train`` training and ``num_val`` held-out images (validation and test) of ``size`` (H, W).
+    The 'shapes' preset crops, flips and colour-jitters training images to ``image_size``, boxes and
+    masks in step."""
+
+    def __init__(self, root: Optional[str] = None, num_train: int = 64, num_val: int = 16,
+                 size: Tuple[int, int] = (96, 96), data_seed: int = 0, max_shapes: int = 3,
+                 image_size: Size = (96, 96), train_preset: Optional[str] = 'shapes',
+                 eval_preset: Optional[str] = None, **kwargs: Any) -> None:
+        h, w = size
+        root = root or cache_dir(f'shapes_coco-{num_train}-{num_val}-{h}x{w}-max{max_shapes}-seed{data_seed}')
+        super().__init__(root, train_images='train', train_ann='annotations/instances_train.json', val_images='val',
+                         val_ann='annotations/instances_val.json', image_size=image_size, train_preset=train_preset,
+                         eval_preset=eval_preset, **kwargs)
+        self.write_args = dict(splits={'train': num_train, 'val': num_val}, image_size=(h, w), seed=data_seed,
+                               max_shapes=max_shapes)
+
+    def prepare_data(self) -> None:
+        from .data.coco import write_shapes_coco
+        _write_once(self.root, lambda tmp: write_shapes_coco(tmp, **self.write_args))
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()
+        super().setup(stage)
+
+
+# ---------------------------------------------------------------------------------------------- volumes
+
+class VolumeDataModule(BaseDataModule):
+    """NIfTI volumes in the Decathlon layout (``root/imagesTr``, ``root/labelsTr``; see
+    ``attnzoo.recipes.data.volumes``), split by case name.
+
+    Batches are dicts: ``image`` float32 (B, C, D, H, W), ``label`` int64 (B, D, H, W), ``spacing``
+    (B, 3) mm, ``affine`` (B, 4, 4), ``case`` (names). Training draws ``image_size`` patches (the
+    'volumes' preset: crops centred on foreground or background voxels half the time each, flips,
+    intensity jitter); evaluation takes whole volumes, one per batch unless they share a size (the
+    task segments them with sliding windows).
+
+    Args:
+        root: the Decathlon-layout folder.
+        val_cases: the validation cases' names (default: the last ``val_fraction`` of the sorted names).
+        test_cases: the test cases' names (default: the validation cases).
+        val_fraction: share of cases held out when ``val_cases`` is not given.
+    """
+
+    def __init__(self, root: str, val_cases: Optional[List[str]] = None, test_cases: Optional[List[str]] = None,
+                 val_fraction: float = 0.2, image_size: Size = 96, batch_size: int = 2, eval_batch_size: int = 1,
+                 train_preset: Optional[str] = 'volumes', eval_preset: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                         train_preset=train_preset, eval_preset=eval_preset, **kwargs)
+        self.root = root
+        self.val_cases = list(val_cases) if val_cases is not None else None
+        self.test_cases = list(test_cases) if test_cases is not None else None
+        self.val_fraction = val_fraction
+
+    def cases(self) -> Dict[str, List[str]]:
+        """The case names of each split; training is every case not held out."""
+        from .data.volumes import VolumeDataset
+        names = [name for name, _, _ in VolumeDataset(self.root).samples]
+        val = self.val_cases
+        if val is None:
+            k = max(1, round(self.val_fraction * len(names)))
+            val = names[-k:]
+        test = self.test_cases if self.test_cases is not None else val
+        train = [n for n in names if n not in set(val) | set(test)]
+        if not train:
+            raise ValueError(f'{self.root}: every one of its {len(names)} cases is held out; none is left to train on')
+        return {'train': train, 'val': val, 'test': test}
+
+    def build_dataset(self, split: str, transform: Optional[Preset]) -> Dataset:
+        from .data.volumes import VolumeDataset
+        cases = self.cases()
+        if split not in cases:
+            raise ValueError(f'split {split!r} is not one of {sorted(cases)}')
+        return VolumeDataset(self.root, cases=cases[split], transform=transform)
+
+
+class SyntheticVolumesDataModule(VolumeDataModule):
+    """The embedded synthetic tumour volumes (``write_synthetic_volumes``: bright ellipsoids in noise,
+    one label), ``num_cases`` of ``shape`` written once into a cache folder (``cache_dir``) or
+    ``root``; the last ``num_val`` cases are held out (validation and test)."""
+
+    def __init__(self, root: Optional[str] = None, num_cases: int = 12, num_val: int = 3,
+                 shape: Tuple[int, int, int] = (32, 32, 32), spacing: Tuple[float, float, float] = (1., 1., 1.5),
+                 data_seed: int = 0, min_radius: float = 0.12, max_radius: float = 0.25, **kwargs: Any) -> None:
+        d, h, w = shape
+        name = (f'synthetic_volumes-{num_cases}-{d}x{h}x{w}-{"x".join(str(s) for s in spacing)}'
+                f'-r{min_radius}-{max_radius}-seed{data_seed}')
+        val = [f'case_{i:03d}' for i in range(num_cases - num_val, num_cases)]
+        super().__init__(root or cache_dir(name), val_cases=val, **kwargs)
+        self.write_args = dict(num_cases=num_cases, shape=(d, h, w), spacing=tuple(spacing), seed=data_seed,
+                               min_radius=min_radius, max_radius=max_radius)
+
+    def prepare_data(self) -> None:
+        from .data.volumes import write_synthetic_volumes
+        _write_once(self.root, lambda tmp: write_synthetic_volumes(tmp, **self.write_args))
+
+    def setup(self, stage: str) -> None:
+        self.prepare_data()
+        super().setup(stage)

@@ -248,3 +248,39 @@ def _coco(image_size: Size = 800) -> List[Any]:
 def _coco_eval(image_size: Size = 800) -> List[Any]:
     """No change: the detector resizes (``min_size=800, max_size=1333``) and maps boxes back."""
     return []
+
+
+# ---------------------------------------------------------------------------------------------- volumes
+
+def _dhw(size: Size) -> Tuple[int, int, int]:
+    if isinstance(size, int):
+        return size, size, size
+    d, h, w = size
+    return int(d), int(h), int(w)
+
+
+@register_preset('volumes')
+def _volumes(image_size: Size = 96, pos: float = 1.0, neg: float = 1.0, flip: float = 0.5,
+             scale_intensity: float = 0.1, shift_intensity: float = 0.1) -> Any:
+    """Training patches of (C, D, H, W) volumes with MONAI's dict transforms: padded to at least
+    ``image_size``, a patch of ``image_size`` centred on a foreground voxel with odds ``pos : neg``
+    against a background one (tumours are small: uniform crops would mostly miss them), a flip
+    along each axis with ``flip``, intensities scaled by 1 +- ``scale_intensity`` and shifted by
+    +- ``shift_intensity`` (absolute: for volumes normalised to about [0, 1]; the label untouched)."""
+    from monai.transforms import (
+        Compose,
+        RandCropByPosNegLabeld,
+        RandFlipd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        SpatialPadd,
+    )
+    size = _dhw(image_size)
+    keys = ['image', 'label']
+    return Compose([
+        SpatialPadd(keys, spatial_size=size),
+        RandCropByPosNegLabeld(keys, label_key='label', spatial_size=size, pos=pos, neg=neg, num_samples=1),
+        *(RandFlipd(keys, prob=flip, spatial_axis=axis) for axis in range(3)),
+        RandScaleIntensityd('image', factors=scale_intensity, prob=1.0),
+        RandShiftIntensityd('image', offsets=shift_intensity, prob=1.0),
+    ])

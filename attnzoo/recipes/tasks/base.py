@@ -63,6 +63,17 @@ class EmaConfig:
     evaluate: bool = True
 
 
+def _nested_no_weight_decay(model: nn.Module) -> List[str]:
+    """Full names of the parameters that submodules exclude from weight decay (their own
+    ``no_weight_decay()``, e.g. a backbone's relative position biases inside a segmentation model);
+    empty when only the top level declares any, which timm reads itself."""
+    names: List[str] = []
+    for prefix, module in model.named_modules():
+        if prefix and hasattr(module, 'no_weight_decay'):
+            names += [f'{prefix}.{n}' for n in module.no_weight_decay()]
+    return names
+
+
 class BaseTask(pl.LightningModule, ABC):
     """A LightningModule built from its constructor arguments: subclasses implement
     ``configure_models`` (setting ``self.model``), ``configure_losses`` and ``configure_metrics``,
@@ -142,6 +153,17 @@ class BaseTask(pl.LightningModule, ABC):
             kwargs['eps'] = opt.eps
         if opt.betas is not None:
             kwargs['betas'] = tuple(opt.betas)
+        nested = _nested_no_weight_decay(self.model)
+        if nested:
+            # a task model (UperNet, Mask R-CNN...) wraps a backbone whose no_weight_decay() timm would
+            # not see: the top level's is all it reads. Hand timm the groups built with every name
+            from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+            names = list(nested)
+            if opt.layer_decay is not None:
+                kwargs['param_group_fn'] = lambda m: param_groups_layer_decay(
+                    m, weight_decay=opt.weight_decay, layer_decay=opt.layer_decay, no_weight_decay_list=names)
+            else:
+                kwargs['param_group_fn'] = lambda m: param_groups_weight_decay(m, opt.weight_decay, names)
         optimizer = create_optimizer_v2(
             self.model, opt=opt.opt, lr=opt.lr, weight_decay=opt.weight_decay, momentum=opt.momentum,
             layer_decay=opt.layer_decay, **kwargs)
