@@ -24,8 +24,9 @@ os.environ.setdefault('NO_ALBUMENTATIONS_UPDATE', '1')  # albumentations would q
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
+from albumentations.augmentations.crops.transforms import BaseCrop  # noqa: E402
 
-__all__ = ['Preset', 'create_transform', 'list_presets', 'register_preset']
+__all__ = ['Preset', 'RandomCropAbsoluteRange', 'create_transform', 'list_presets', 'register_preset']
 
 Size = Union[int, Sequence[int]]
 _PRESETS: Dict[str, Callable[..., Any]] = {}
@@ -242,6 +243,48 @@ def _coco(image_size: Size = 800) -> List[Any]:
     detector's own (torchvision's ``GeneralizedRCNNTransform``: ``min_size``/``max_size``), so
     ``image_size`` is not used here."""
     return [A.HorizontalFlip(p=0.5)]
+
+
+class RandomCropAbsoluteRange(BaseCrop):
+    """mmdet's ``RandomCrop(crop_type='absolute_range', allow_negative_crop=True)``: a crop of height
+    and width each drawn uniformly (integers) from [min(side, lo), min(side, hi)], at a uniform
+    position; boxes left with no area are dropped (crops without any are allowed)."""
+
+    def __init__(self, crop_range: Tuple[int, int] = (384, 600), p: float = 1.0) -> None:
+        super().__init__(p=p)
+        self.crop_range = tuple(int(v) for v in crop_range)
+
+    def get_params_dependent_on_data(self, params: Dict[str, Any], data: Dict[str, Any]) -> Dict[str, Any]:
+        height, width = params['shape'][:2]
+        lo, hi = self.crop_range
+        crop_h = self.py_random.randint(min(height, lo), min(height, hi))
+        crop_w = self.py_random.randint(min(width, lo), min(width, hi))
+        y0 = self.py_random.randint(0, height - crop_h)
+        x0 = self.py_random.randint(0, width - crop_w)
+        return {'crop_coords': (x0, y0, x0 + crop_w, y0 + crop_h)}
+
+    def get_transform_init_args_names(self) -> Tuple[str, ...]:
+        return ('crop_range',)
+
+
+@register_preset('coco_detr')
+def _coco_detr(image_size: Size = 800, short_sides: Sequence[int] = (400, 500, 600),
+               crop_range: Tuple[int, int] = (384, 600)) -> List[Any]:
+    """The DETR / Sparse R-CNN augmentation of the NAT, DiNAT and Swin Mask R-CNN 3x configs
+    (mmdet's ``AutoAugment`` of two policies, after a horizontal flip): half of the images pass
+    as they are, half are resized to a shorter side drawn from ``short_sides`` and cropped to a
+    random size in ``crop_range`` (``RandomCropAbsoluteRange``). The final multi-scale resize (a
+    shorter side of 480, 512, ..., 800, longer side at most 1333) is the detector's own: give it
+    ``min_size: [480, 512, ..., 800]`` and ``max_size: 1333`` (torchvision draws one per batch in
+    training). mmdet also caps the longer side at 1333 in the first resize, which matters only for
+    images more than 2.2 times as wide as high. ``image_size`` is not used."""
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.OneOf([
+            A.NoOp(p=1.0),
+            A.Sequential([A.SmallestMaxSize(max_size=list(short_sides)), RandomCropAbsoluteRange(crop_range)], p=1.0),
+        ], p=1.0),
+    ]
 
 
 @register_preset('coco_eval')
