@@ -93,11 +93,13 @@ def test_detection_recipe(tmp_path, cache):
     from torchmetrics.detection import MeanAveragePrecision
 
     root = tmp_path / 'run'
-    attnzoo_train = _runs('shapes_detection', root)
+    # two of the config's four epochs: 32 steps, enough to learn (the detector's losses level off
+    # near 0.6 of their first steps' by then)
+    attnzoo_train = _runs('shapes_detection', root, '--trainer.max_epochs', '2')
     cli = attnzoo_train('fit')
     history = _history(cli)
     running = [v for _, v in history['train_loss_step']]
-    assert running[-1] < 0.6 * running[0], running
+    assert running[-1] < 0.7 * running[0], running
 
     dm = cli.datamodule
     train = dm.build_dataset('train', None)
@@ -106,7 +108,7 @@ def test_detection_recipe(tmp_path, cache):
     constant = metric.compute()
     best, _ = _best(cli, 'val_map')
     map50 = history['val_map_50'][-1][1]
-    assert best > 2 * float(constant['map']) and map50 > 2 * float(constant['map_50']), (
+    assert best > 3 * float(constant['map']) and map50 > 3 * float(constant['map_50']), (
         best, map50, constant['map'], constant['map_50'])
     ckpts = root / 'checkpoints'
     for png in ('curves.png', 'boxes.png'):
@@ -170,3 +172,22 @@ def test_medical_recipe(tmp_path, cache):
     pred, image = read_nifti(written[0]), read_nifti(val.samples[0][1])
     assert pred.data.shape == image.data.shape and np.allclose(pred.affine, image.affine)
     assert set(np.unique(pred.data)) <= {0, 1}
+
+
+def test_medical_task_segments_2d_images(cache):
+    # the 2D path: (image, mask) batches of RGB images, sliding windows over each image
+    import pytorch_lightning as pl
+
+    from attnzoo.recipes.datamodules import ShapesSegmentationDataModule
+    from attnzoo.recipes.tasks import MedicalSegmentationTask
+
+    task = MedicalSegmentationTask(arch='agunet', spatial_dims=2, in_chans=3, num_classes=4,
+                                   model_kwargs={'channels': [8, 16, 32]}, roi_size=[32, 32])
+    dm = ShapesSegmentationDataModule(num_train=8, num_val=4, batch_size=4, seed=0)
+    trainer = pl.Trainer(fast_dev_run=2, accelerator='cpu', logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(task, dm)
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics['train_loss']) and 0 <= float(metrics['val_dice']) <= 1
+    assert len(task.samples) == 2 and task.samples[0][2].shape == (64, 96)
+    assert set(task.figures(trainer)) == {'masks'}
