@@ -1,4 +1,5 @@
 """The recipes under Lightning's DDP unchanged: 2 CPU processes (gloo) train and score as one process does."""
+import json
 import os
 import subprocess
 import sys
@@ -48,3 +49,28 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path):
     for name in ('val_loss', 'val_acc1', 'val_acc5'):  # dataset-level metrics, synced over the processes
         assert [s for s, _ in ha[name]] == [s for s, _ in hb[name]]
         np.testing.assert_allclose([v for _, v in hb[name]], [v for _, v in ha[name]], rtol=1e-5)
+
+
+def test_dense_metrics_over_two_processes_equal_one_process(tmp_path, monkeypatch):
+    # segmentation's dataset-level mIoU, pixel accuracy and loss: two processes (gloo) score their
+    # shards of the held-out images and sync, and must give the single process' numbers (the
+    # weights: the seeded initialisation, the same in every process and run)
+    monkeypatch.setenv('ATTNZOO_CACHE', str(tmp_path / 'cache'))
+    env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    common = ['validate', '--config', 'shapes_segmentation', '--trainer.default_root_dir', str(tmp_path / 'run'),
+              '--trainer.enable_progress_bar', 'false', '--trainer.enable_model_summary', 'false']
+    one = run(common).trainer.callback_metrics
+    # Lightning starts the second process by running the first one's command line again: a script file
+    script = tmp_path / 'validate.py'
+    script.write_text('import json, sys\nfrom attnzoo.recipes.cli import run\n'
+                      'trainer = run(sys.argv[1:]).trainer\n'
+                      f'with open(r"{tmp_path}" + f"/metrics_{{trainer.global_rank}}.json", "w") as f:\n'
+                      '    json.dump({k: float(v) for k, v in trainer.callback_metrics.items()}, f)\n')
+    proc = subprocess.run(
+        [sys.executable, str(script), *common, '--trainer.strategy', 'ddp', '--trainer.devices', '2',
+         '--trainer.accelerator', 'cpu'], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):  # both processes hold the synced numbers
+        two = json.loads((tmp_path / f'metrics_{rank}.json').read_text())
+        for name in ('val_miou', 'val_acc', 'val_loss'):
+            np.testing.assert_allclose(two[name], float(one[name]), rtol=1e-5, err_msg=name)
