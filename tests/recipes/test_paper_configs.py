@@ -41,6 +41,13 @@ def test_dinat_tiny_upernet_ade20k():
     names = _nested_no_weight_decay(cli.model.model)
     assert names and all(n.endswith('.rpb') for n in names)
     assert len(names) == sum(n.endswith('.rpb') for n, _ in cli.model.model.named_parameters())
+    cli.model.hparams.scheduler = dict(sched, sched='none')  # the schedule needs a trainer; the groups do not
+    groups = cli.model.configure_optimizers()['optimizer'].param_groups
+    by_id = {id(p): n for n, p in cli.model.model.named_parameters()}
+    no_decay = {by_id[id(p)] for g in groups if g['weight_decay'] == 0 for p in g['params']}
+    decay = {by_id[id(p)] for g in groups if g['weight_decay'] == 0.01 for p in g['params']}
+    assert set(names) <= no_decay and not any('norm' in n or n.endswith('.rpb') for n in decay)
+    assert len(no_decay) + len(decay) == len(by_id)
     # 8 GPUs x 2 images, 512 x 512 crops of ADE20K with its zero label reduced
     assert dm.batch_size == 2 and dm.image_size == 512 and dm.reduce_zero_label and dm.num_classes == 150
     assert (dm.train_preset, dm.eval_preset, dm.eval_batch_size) == ('ade20k', 'ade20k_eval', 1)

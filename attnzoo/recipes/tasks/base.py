@@ -158,12 +158,14 @@ class BaseTask(pl.LightningModule, ABC):
             # a task model (UperNet, Mask R-CNN...) wraps a backbone whose no_weight_decay() timm would
             # not see: the top level's is all it reads. Hand timm the groups built with every name
             from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-            names = list(nested)
+            top = self.model.no_weight_decay() if hasattr(self.model, 'no_weight_decay') else ()
+            names = list(top) + nested
             if opt.layer_decay is not None:
                 kwargs['param_group_fn'] = lambda m: param_groups_layer_decay(
                     m, weight_decay=opt.weight_decay, layer_decay=opt.layer_decay, no_weight_decay_list=names)
             else:
-                kwargs['param_group_fn'] = lambda m: param_groups_weight_decay(m, opt.weight_decay, names)
+                kwargs['param_group_fn'] = lambda m: param_groups_weight_decay(
+                    m, weight_decay=opt.weight_decay, no_weight_decay_list=names)
         optimizer = create_optimizer_v2(
             self.model, opt=opt.opt, lr=opt.lr, weight_decay=opt.weight_decay, momentum=opt.momentum,
             layer_decay=opt.layer_decay, **kwargs)
