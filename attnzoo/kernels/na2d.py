@@ -45,7 +45,6 @@ def _build_axis_neighbours(
     return group[:, None] + window * dilation, window - step[:, None] + kernel_size - 1
 
 
-@torch.compiler.assume_constant_result
 def _axis_neighbours(
         length: int,
         kernel_size: int,
@@ -60,9 +59,12 @@ def _axis_neighbours(
     differ in length by one where ``length`` is not a multiple of ``dilation``, and each clamps
     to its own end. The bias index is the key's offset from the query in group steps, plus k - 1.
 
-    The tables depend on the shape alone: built once per shape and device (cached), and
-    constants to torch.compile.
+    The tables depend on the shape alone: built once per shape and device (cached); under
+    torch.compile built in the graph from the length, which dynamic shapes make a symbol (a
+    handful of small integer ops, folded to constants where the length is fixed).
     """
+    if torch.compiler.is_compiling():
+        return _build_axis_neighbours.__wrapped__(length, kernel_size, dilation, device)
     return _build_axis_neighbours(length, kernel_size, dilation, device)
 
 
@@ -190,6 +192,10 @@ def _tiled_supports(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
     # ('cpu') it runs wherever the inputs are
     if q.device.type != 'cpu' and kernel_mode() != 'cpu':
         return f'the tiled path serves CPU tensors in mode auto, got {q.device.type}'
+    if torch.compiler.is_compiling():
+        # its tiling is planned in Python per map size, which torch.compile's dynamic shapes make a
+        # symbol; the reference builds its tables from tensor ops and traces at any size
+        return 'under torch.compile the reference serves (the tiled path plans in Python per map size)'
     return None
 
 

@@ -139,15 +139,21 @@ def test_tiled_never_builds_a_dense_attention_matrix():
     assert mode.largest <= ks * ks * B * H * W * heads * d < B * heads * (H * W) ** 2 / 10
 
 
-def test_tiled_traces_whole_under_torch_compile():
-    # the shape-dependent tables are constants to dynamo: one graph, no break (the eager backend
-    # checks the tracing without paying for code generation)
-    q, k, v = (torch.randn(1, 6, 7, 1, 4) for _ in range(3))
+@pytest.mark.parametrize('dynamic', [False, True])
+def test_compiled_na2d_traces_whole_at_fixed_and_symbolic_sizes(dynamic):
+    # under torch.compile the reference serves on the CPU, its tables built in the graph: one graph,
+    # no break, also where dynamic shapes make the map size a symbol (smp's compile test, export);
+    # the eager backend checks the tracing without paying for code generation
     rpb = torch.randn(1, 5, 5)
-    with use_kernels('cpu'):
-        compiled = torch.compile(lambda *t: na2d(*t[:3], 3, (2, 1), t[3]), fullgraph=True, backend='eager')
-        out = compiled(q, k, v, rpb)
-    torch.testing.assert_close(out, na2d.reference(q, k, v, 3, (2, 1), rpb))
+    torch.compiler.reset()
+    compiled = torch.compile(lambda *t: na2d(*t[:3], 3, (2, 1), t[3]), fullgraph=True, dynamic=dynamic,
+                             backend='eager')
+    for H, W in ((6, 7), (8, 5)):
+        q, k, v = (torch.randn(1, H, W, 1, 4) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v, rpb), na2d.reference(q, k, v, 3, (2, 1), rpb))
+    # the tiled path, asked for by name, says why it cannot serve there (dynamo wraps the error)
+    with use_kernels('cpu'), pytest.raises(Exception, match='per map size'):
+        torch.compile(lambda *t: na2d(*t[:3], 3, (2, 1), t[3]), fullgraph=True, backend='eager')(q, k, v, rpb)
 
 
 def test_plan_built_in_inference_mode_serves_autograd_later():
