@@ -351,8 +351,11 @@ def test_clear_errors(tmp_path):
 
 @pytest.fixture(scope='module')
 def shapes_coco(tmp_path_factory):
-    root = tmp_path_factory.mktemp('det_learn')
-    return write_shapes_coco(root, {'train': 16}, image_size=64, seed=0, max_shapes=2)['train']
+    """16 images of at most two drawn shapes, at a given side."""
+    def make(size):
+        root = tmp_path_factory.mktemp(f'det_learn_{size}')
+        return write_shapes_coco(root, {'train': 16}, image_size=size, seed=0, max_shapes=2)['train']
+    return make
 
 
 def _constant_predictions(data, num_classes):
@@ -364,8 +367,10 @@ def _constant_predictions(data, num_classes):
     return [guess] * len(data)
 
 
-# per arch: steps, peak learning rate, gradient clipping; tuned to learn reliably in the fewest steps
-LEARNING = {'mask_rcnn': (30, 2e-3, 10.), 'retinanet': (60, 1e-3, 1.)}
+# per arch: steps, peak learning rate, gradient clipping, image side; tuned to learn reliably in the
+# fewest steps. RetinaNet needs 96 px: at 64 its box AP after 60 steps ranged 0.014-0.113 over model
+# seeds (below the constant guess's 0.038 on one), at 96 0.082-0.100 over three seeds.
+LEARNING = {'mask_rcnn': (30, 2e-3, 10., 64), 'retinanet': (60, 1e-3, 1., 96)}
 
 
 def _box_ap(model, ds, data):
@@ -379,15 +384,16 @@ def _box_ap(model, ds, data):
 def test_detectors_learn_drawn_shapes(arch, shapes_coco):
     """A few dozen steps from scratch (VAN-B0, the smallest zoo backbone) on 16 images of drawn shapes:
     the loss falls well below its start and the box AP of pycocotools on those images rises clearly
-    above zero and above the untrained model's (chance: random boxes, score threshold 0). Mask R-CNN
-    also beats the best constant guess (each class's mean box in every image, AP 0.038, AP50 0.166
-    here) twice over; RetinaNet, whose sigmoid classifier tells the classes apart more slowly, does
-    not reliably do so in this budget (AP 0.035-0.079 over four seeds), so it is held to its start."""
-    steps, lr, clip = LEARNING[arch]
+    above zero and above the untrained model's (chance: random boxes, score threshold 0), and beats
+    the best constant guess (each class's mean box in every image: AP 0.038 on these images at either
+    size, AP50 0.166 at 64 px, 0.193 at 96): Mask R-CNN twice over in AP and AP50; RetinaNet, whose
+    sigmoid classifier tells the classes apart more slowly, 1.5 times in AP and outright in AP50
+    (measured 2.2-2.6x and 1.2-1.3x over three seeds)."""
+    steps, lr, clip, size = LEARNING[arch]
     torch.manual_seed(0)
-    ds = CocoDetection(*shapes_coco, masks=arch == 'mask_rcnn')
+    ds = CocoDetection(*shapes_coco(size), masks=arch == 'mask_rcnn')
     data = [ds[i] for i in range(len(ds))]
-    kw = dict(min_size=64, max_size=64, fpn_channels=64)
+    kw = dict(min_size=size, max_size=size, fpn_channels=64)
     if arch == 'mask_rcnn':
         kw.update(representation_size=128, mask_head_channels=32, rpn_pre_nms_top_n_train=200,
                   rpn_post_nms_top_n_train=100, rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100,
@@ -420,3 +426,5 @@ def test_detectors_learn_drawn_shapes(arch, shapes_coco):
     assert ap[0] > 0.02 and ap[0] > 2 * untrained[0]
     if arch == 'mask_rcnn':
         assert ap[0] > 2 * constant[0] and ap[1] > 2 * constant[1]
+    else:
+        assert ap[0] > 1.5 * constant[0] and ap[1] > constant[1]
