@@ -9,7 +9,14 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, LayerNorm2d, NormMlpClassifierHead, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import (
+    ClassifierHead,
+    LayerNorm2d,
+    NormMlpClassifierHead,
+    SelectAdaptivePool2d,
+    register_notrace_function,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
 
 __all__ = [
@@ -31,6 +38,8 @@ class CheckpointReadError(RuntimeError):
     """A checkpoint file exists but cannot be read: damaged, truncated or not a checkpoint."""
 
 
+# it branches on the input's shape, which an FX proxy cannot answer: a leaf when traced
+@register_notrace_function
 def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
     """Raise a ValueError stating expected and actual shapes unless x is (B, in_chans, H, W), H, W >= min_size."""
     if x.dim() != 4:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, LayerNorm2d
+from timm.layers import ClassifierHead, LayerNorm2d, register_notrace_function
 from timm.models import generate_default_cfgs, register_model
 
 from attnzoo.blocks import DeformableDownsample, DWConvMlpBlock, HiLoBlock
@@ -42,6 +42,17 @@ from ._helpers import (
 __all__ = ['LITv2']
 
 
+# it branches on the map size, which an FX proxy cannot answer: a leaf when traced (FX wraps only
+# public names)
+@register_notrace_function
+def pad_to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Zero-pad an NCHW map on the right and bottom to whole p x p patches."""
+    H, W = x.shape[-2:]
+    if H % p or W % p:
+        x = F.pad(x, (0, -W % p, 0, -H % p))
+    return x
+
+
 class PatchifyStem(nn.Module):
     """Non-overlapping patch embedding: pad to the patch size, conv p x p / p, LayerNorm. NCHW."""
 
@@ -52,11 +63,7 @@ class PatchifyStem(nn.Module):
         self.norm = LayerNorm2d(out_chs, eps=1e-5)  # nn.LayerNorm's eps, as the original (timm's default is 1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        H, W = x.shape[-2:]
-        if H % p or W % p:
-            x = F.pad(x, (0, -W % p, 0, -H % p))
-        return self.norm(self.conv(x))
+        return self.norm(self.conv(pad_to_patches(x, self.patch_size)))
 
 
 class LITv2Stage(ChannelsLastStage):

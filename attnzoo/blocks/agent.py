@@ -10,7 +10,7 @@ from typing import Callable, Dict, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_module, to_2tuple, trunc_normal_
 
 from attnzoo.kernels import agent_attention
 
@@ -33,6 +33,9 @@ def _resize(grid: torch.Tensor, size: Size) -> torch.Tensor:
     return F.interpolate(grid, size=size, mode='bilinear', align_corners=False)
 
 
+# its forward checks the token count and resizes the position biases by the map size: a leaf when FX
+# traces (timm's FX feature extraction)
+@register_notrace_module
 class AgentAttention(nn.Module):
     """Agent attention: agents pooled from the queries attend to the keys, then the queries attend to the agents.
 
@@ -154,6 +157,8 @@ class AgentAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+# its forward pads, shifts and masks by the map size: a leaf when FX traces (timm's FX feature extraction)
+@register_notrace_module
 class ShiftedWindowAttention(nn.Module):
     """Swin's window attention (W-MSA / SW-MSA) with relative position bias, at any map size.
 
@@ -352,6 +357,8 @@ class SelfAttentionBlock(TokenBlock):
         super().__init__(dim, attn, proj_drop=proj_drop, **kwargs)
 
 
+# its forward pads odd map sizes: a leaf when FX traces (timm's FX feature extraction)
+@register_notrace_module
 class SwinPatchMerging(nn.Module):
     """Swin's downsampling: each 2x2 neighbourhood concatenated (4C), normed, projected to ``out_dim``.
 

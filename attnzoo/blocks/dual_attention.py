@@ -4,7 +4,7 @@ from typing import Callable, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, to_2tuple
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, to_2tuple
 
 from attnzoo.kernels import channel_attention, window_attention
 
@@ -13,7 +13,13 @@ from .norm import PreNorm
 
 __all__ = ['WindowAttention', 'ChannelAttention', 'DualAttentionBlock', 'SpatialBlock', 'ChannelBlock']
 
+# its dispatch reads the input's device, layout and dtype, which an FX proxy cannot answer: a leaf
+# when traced (timm's FX feature extraction)
+register_notrace_function(channel_attention)
 
+
+# its forward pads the map to whole windows: a leaf when FX traces (timm's FX feature extraction)
+@register_notrace_module
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping windows, no position bias (DaViT).
 

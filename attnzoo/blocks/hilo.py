@@ -5,7 +5,7 @@ from typing import Callable, Optional, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_module, trunc_normal_
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 from torchvision.ops import deform_conv2d
 
@@ -17,6 +17,8 @@ from .norm import PreNorm
 __all__ = ['HiLoAttention', 'DWConvMlp', 'DWConvMlpBlock', 'HiLoBlock', 'DeformableConv2d', 'DeformableDownsample']
 
 
+# its forward pads the map to whole windows: a leaf when FX traces (timm's FX feature extraction)
+@register_notrace_module
 class HiLoAttention(nn.Module):
     """HiLo attention: ``int(num_heads * alpha)`` Lo-Fi heads, the rest Hi-Fi, outputs concatenated.
 
@@ -235,6 +237,8 @@ class DeformableConv2d(nn.Module):
         return out.to(x.dtype)
 
 
+# its forward pads odd map sizes: a leaf when FX traces (timm's FX feature extraction)
+@register_notrace_module
 class DeformableDownsample(nn.Module):
     """LITv2's deformable token merging: deformable conv 2x2 / 2, BatchNorm, GELU. NCHW in and out.
 

@@ -5,7 +5,7 @@ from typing import Callable, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, Mlp, to_2tuple, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, Mlp, register_notrace_module, to_2tuple, trunc_normal_
 
 from attnzoo.kernels import na2d
 
@@ -18,6 +18,8 @@ __all__ = ['NeighborhoodAttention2d', 'NeighborhoodAttentionBlock', 'DoubleConvS
 _nat_norm2d = partial(LayerNorm2d, eps=1e-5)
 
 
+# its forward pads maps smaller than the neighbourhood: a leaf when FX traces (timm's FX feature extraction)
+@register_notrace_module
 class NeighborhoodAttention2d(nn.Module):
     """Multi-head neighborhood attention, optionally dilated, with relative position bias (NAT / DiNAT).
 

@@ -3,13 +3,17 @@ from typing import Callable, Type
 
 import torch
 import torch.nn as nn
-from timm.layers import GroupNorm1
+from timm.layers import GroupNorm1, register_notrace_function
 
 from attnzoo.kernels import single_head_attention
 
 from .conv import ConvNorm, Residual
 
 __all__ = ['SingleHeadAttention', 'ConvFFN', 'SingleHeadBlock']
+
+# its dispatch reads the input's device, layout and dtype, which an FX proxy cannot answer: a leaf
+# when traced (timm's FX feature extraction)
+register_notrace_function(single_head_attention)
 
 
 class SingleHeadAttention(nn.Module):

@@ -4,14 +4,17 @@ from typing import Callable, Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, SqueezeExcite
+from timm.layers import LayerNorm2d, SqueezeExcite, register_notrace_function
 
 from .conv import ConvNorm
 
 __all__ = ['PatchStem', 'NormConvDownsample', 'ConvNormStem', 'PatchMerging']
 
 
-def _pad_to_multiple(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
+# it branches on the map size, which an FX proxy cannot answer: a leaf when traced (FX wraps only
+# public names)
+@register_notrace_function
+def pad_to_multiple(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
     """Zero-pad an NCHW map on the right and bottom up to multiples of the given sizes."""
     H, W = x.shape[-2:]
     pad_b = (multiple_h - H % multiple_h) % multiple_h
@@ -38,7 +41,7 @@ class PatchStem(nn.Module):
         self.norm = norm_layer(out_chs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _pad_to_multiple(x, self.stride, self.stride)
+        x = pad_to_multiple(x, self.stride, self.stride)
         return self.norm(self.conv(x))
 
 
@@ -60,7 +63,7 @@ class NormConvDownsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
         if self.even_k:
-            x = _pad_to_multiple(x, *self.conv.kernel_size)
+            x = pad_to_multiple(x, *self.conv.kernel_size)
         return self.conv(x)
 
 

@@ -4,7 +4,7 @@ from typing import Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale2d, to_2tuple
+from timm.layers import DropPath, LayerScale2d, register_notrace_module, to_2tuple
 
 from attnzoo.kernels import super_token_sampling, super_token_upsampling, window_attention
 
@@ -13,6 +13,8 @@ from .conv import ConvPosEnc, DepthwiseConv2d, Residual
 __all__ = ['SuperTokenAttention', 'ResidualDWMlp', 'SuperTokenBlock']
 
 
+# its forward pads the map to whole super-token cells: a leaf when FX traces (timm's FX feature extraction)
+@register_notrace_module
 class SuperTokenAttention(nn.Module):
     """Super token attention: sample super tokens, multi-head self-attention among them, map back.
 

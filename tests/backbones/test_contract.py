@@ -260,3 +260,53 @@ def test_group_matcher_serves_timm_layer_decay(name):
         assert sum(len(names) for names in groups.values()) == len(list(model.parameters()))
     optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, layer_decay=0.75)
     assert len(optimizer.param_groups) > 2
+
+
+
+def _fx_graph(model):
+    """The whole model as an FX graph, traced as timm's test suite and ``feature_cls='fx'`` trace it:
+    timm's notrace modules stay leaves and its notrace functions are wrapped."""
+    from timm.models import get_notrace_functions, get_notrace_modules
+    from torchvision.models.feature_extraction import NodePathTracer
+    tracer = NodePathTracer(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
+    return torch.fx.GraphModule(model, tracer.trace(model))
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_fx_trace_matches_eager_forward_and_backward(name):
+    model = randomize_(timm.create_model(name, num_classes=10))
+    graph = _fx_graph(model)
+    x = torch.randn(2, 3, 96, 80)
+    model.zero_grad()
+    model(x).square().mean().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    graph(x).square().mean().backward()  # the graph shares the model's parameters
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f'no gradient for {n} through the FX graph'
+        torch.testing.assert_close(p.grad, want[n], rtol=0, atol=0, msg=lambda m: f'{n}: {m}')
+    model.eval(), graph.eval()
+    # traced once, run at another size: shapes stay symbolic, not baked into the graph
+    for x in (x, torch.randn(1, 3, 72, 104)):
+        with torch.no_grad():
+            assert torch.equal(graph(x), model(x))
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_features_only_fx_matches_getter(name, tmp_path):
+    model = randomize_(timm.create_model(name)).eval()
+    path = tmp_path / 'weights.pth'
+    torch.save(model.state_dict(), path)
+    weights = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    fx = timm.create_model(name, features_only=True, feature_cls='fx', **weights).eval()
+    getter = timm.create_model(name, features_only=True, feature_cls='getter', **weights).eval()
+    assert fx.feature_info.channels() == getter.feature_info.channels()
+    x = torch.randn(1, 3, *NON_SQUARE)
+    with torch.no_grad():
+        outs, want = fx(x), getter(x)
+    assert len(outs) == len(want) >= 3
+    for o, w in zip(outs, want):
+        if o.dim() == 3:  # a plain ViT's blocks give tokens, prefix first, as timm's ViTs under 'fx'
+            o = o[:, model.num_prefix_tokens:].transpose(1, 2).reshape(w.shape)
+        torch.testing.assert_close(o, w, rtol=0, atol=0)
