@@ -1,5 +1,7 @@
 """Our models against timm's own DaViT and SHViT: the same weights, in every published layout,
-must give the same logits (relative error < 1e-5 in float32)."""
+must give the same logits (relative error < 1e-5 in float32, < 1e-10 in float64, where only
+rounding is left: an eps or an approximation that differs shows far above it)."""
+import copy
 import re
 
 import pytest
@@ -106,6 +108,20 @@ def sources():
 def test_timm_layout(name, sources, tmp_path):
     source = sources(PAIRS[name])
     _check(name, source, {k: v.contiguous() for k, v in source.state_dict().items()}, tmp_path / 'm.safetensors')
+
+
+@pytest.mark.parametrize('name', ['az_davit_tiny', 'az_shvit_s1'])
+def test_timm_layout_float64(name, sources, tmp_path):
+    source = copy.deepcopy(sources(PAIRS[name])).double()  # the cached float32 model stays as it is
+    path = tmp_path / 'm.safetensors'
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    ours = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).double().eval()
+    for size in [ours.pretrained_cfg['input_size'][1:], (200, 168)]:
+        x = torch.randn(1, 3, *size, dtype=torch.float64)
+        with torch.no_grad():
+            want, got = source(x), ours(x)
+        assert got.dtype == torch.float64
+        assert _rel_err(got, want) < 1e-10, f'{name} at {size}: relative error {_rel_err(got, want):.2e}'
 
 
 @pytest.mark.parametrize('name', [n for n in PAIRS if 'davit' in n and not n.endswith('_fl')])
