@@ -64,29 +64,35 @@ def test_hilo_head_split_follows_the_original_rounding():
     assert (HiLoAttention(512, 16, 2, 0.9).l_heads, HiLoAttention(512, 16, 2, 0.9).h_heads) == (14, 2)
 
 
-def test_hilo_alpha_0_is_window_attention():
-    attn = randomize_(HiLoAttention(16, num_heads=4, window_size=2, alpha=0.0)).eval()
+# float32 at its default tolerance; float64 at one only rounding can meet
+TOLERANCES = {torch.float32: {}, torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+@pytest.mark.parametrize('dtype', TOLERANCES)
+def test_hilo_alpha_0_is_window_attention(dtype):
+    attn = randomize_(HiLoAttention(16, num_heads=4, window_size=2, alpha=0.0)).to(dtype).eval()
     assert _branches(attn) == {'hi'}
-    window = WindowAttention(16, num_heads=4, window_size=2)
+    window = WindowAttention(16, num_heads=4, window_size=2).to(dtype)
     window.load_state_dict({
         'qkv.weight': attn.h_qkv.weight, 'qkv.bias': attn.h_qkv.bias,
         'proj.weight': attn.h_proj.weight, 'proj.bias': attn.h_proj.bias})
-    x = torch.randn(2, 5, 7, 16)
-    torch.testing.assert_close(attn(x), window(x))
+    x = torch.randn(2, 5, 7, 16, dtype=dtype)
+    torch.testing.assert_close(attn(x), window(x), **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize('dtype', TOLERANCES)
 @pytest.mark.parametrize('alpha', [1.0, 0.5])
-def test_hilo_window_1_is_global_multi_head_self_attention(alpha):
+def test_hilo_window_1_is_global_multi_head_self_attention(alpha, dtype):
     # window 1 makes every head Lo-Fi over the unpooled map, whatever alpha says (as the original)
-    attn = randomize_(HiLoAttention(16, num_heads=4, window_size=1, alpha=alpha)).eval()
+    attn = randomize_(HiLoAttention(16, num_heads=4, window_size=1, alpha=alpha)).to(dtype).eval()
     assert _branches(attn) == {'lo'} and attn.l_heads == 4
-    mhsa = Attention(16, num_heads=4, qkv_bias=True)
+    mhsa = Attention(16, num_heads=4, qkv_bias=True).to(dtype)
     mhsa.load_state_dict({
         'qkv.weight': torch.cat([attn.l_q.weight, attn.l_kv.weight]),
         'qkv.bias': torch.cat([attn.l_q.bias, attn.l_kv.bias]),
         'proj.weight': attn.l_proj.weight, 'proj.bias': attn.l_proj.bias})
-    x = torch.randn(2, 5, 3, 16)
-    torch.testing.assert_close(attn(x), mhsa(x.reshape(2, 15, 16)).reshape(2, 5, 3, 16))
+    x = torch.randn(2, 5, 3, 16, dtype=dtype)
+    torch.testing.assert_close(attn(x), mhsa(x.reshape(2, 15, 16)).reshape(2, 5, 3, 16), **TOLERANCES[dtype])
 
 
 def _shift(x, dy, dx):
