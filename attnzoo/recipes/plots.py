@@ -89,25 +89,32 @@ def _hsv(h: float) -> Tuple[float, float, float]:
 def plot_masks(images: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, num_classes: int,
                ignore_index: int = 255) -> Figure:
     """Rows of image / ground truth / prediction for (B, C, H, W) images and (B, H, W) label maps;
-    labels blended over the image (class 0 transparent, ``ignore_index`` grey)."""
+    labels over a dimmed grey copy of the image, so that their colours never blend with the
+    image's own (class 0 transparent, ``ignore_index`` hatched grey), and a legend of the classes."""
+    from matplotlib.patches import Patch
+
     n = len(images)
     palette = _palette(num_classes)
-    fig = Figure(figsize=(9, 3 * n), layout='constrained')
+    fig = Figure(figsize=(9, 3 * n + 0.4), layout='constrained')
     axes = np.atleast_2d(fig.subplots(n, 3))
     for i in range(n):
         img = _image(images[i])
         for ax, labels, name in zip(axes[i], (None, targets[i], preds[i]), ('image', 'ground truth', 'prediction')):
-            ax.imshow(img)
-            if labels is not None:
+            if labels is None:
+                ax.imshow(img)
+            else:
+                ax.imshow(img.mean(-1), cmap='gray', vmin=-0.5, vmax=1.5)  # grey, low contrast
                 lab = labels.detach().cpu().numpy()
                 over = np.zeros((*lab.shape, 4))
                 valid = (lab > 0) & (lab != ignore_index) & (lab < num_classes)
                 over[valid, :3] = palette[lab[valid]] / 255
-                over[valid, 3] = 0.55
+                over[valid, 3] = 0.85
                 over[lab == ignore_index] = (0.5, 0.5, 0.5, 0.6)
                 ax.imshow(over)
             ax.set_title(name, fontsize=9)
             ax.axis('off')
+    fig.legend(handles=[Patch(color=palette[c] / 255, label=f'class {c}') for c in range(1, num_classes)],
+               loc='outside lower center', ncols=min(num_classes - 1, 8), fontsize=8, frameon=False)
     return fig
 
 
