@@ -192,3 +192,11 @@ def test_medical_task_segments_2d_images(cache):
     assert torch.isfinite(metrics['train_loss']) and 0 <= float(metrics['val_dice']) <= 1
     assert len(task.samples) == 2 and task.samples[0][2].shape == (64, 96)
     assert set(task.figures(trainer)) == {'masks'}
+
+
+@pytest.mark.parametrize('config', ['shapes_segmentation', 'shapes_detection'])
+def test_dense_tasks_refuse_a_head_that_does_not_fit_the_data(tmp_path, cache, config):
+    # the check every task inherits from BaseTask.setup, before any step runs
+    with pytest.raises(ValueError, match="the data has 4 classes, the model's head 7: set model.init_args.num_classes"):
+        run(['fit', '--config', config, '--trainer.default_root_dir', str(tmp_path), *QUIET,
+             '--model.init_args.num_classes', '7', '--trainer.max_steps', '1'])

@@ -5,14 +5,15 @@ import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
 from ..sampling import seed_everything_for_batch
 
-__all__ = ['BaseTask', 'EmaConfig', 'OptimizerConfig', 'SchedulerConfig']
+__all__ = ['BaseTask', 'EmaConfig', 'OptimizerConfig', 'SchedulerConfig', 'backbone_mean_std']
 
 
 @dataclass
@@ -74,6 +75,13 @@ def _nested_no_weight_decay(model: nn.Module) -> List[str]:
     return names
 
 
+def backbone_mean_std(backbone: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The pretraining mean and std of a timm/zoo ``backbone``, as its pretrained config states them."""
+    from timm.models import resolve_pretrained_cfg
+    cfg = resolve_pretrained_cfg(backbone.split('.')[0])
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
 class BaseTask(pl.LightningModule, ABC):
     """A LightningModule built from its constructor arguments: subclasses implement
     ``configure_models`` (setting ``self.model``), ``configure_losses`` and ``configure_metrics``,
@@ -126,6 +134,33 @@ class BaseTask(pl.LightningModule, ABC):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def setup(self, stage: str) -> None:
+        # a head sized for other data would train without complaint and score nonsense
+        found = getattr(getattr(self.trainer, 'datamodule', None), 'num_classes', None)
+        n = self.hparams.get('num_classes')
+        if found is not None and n is not None and found != n:
+            raise ValueError(f"the data has {found} classes, the model's head {n}: "
+                             f'set model.init_args.num_classes to {found}')
+
+    # ------------------------------------------------------------------------------------ input stats
+
+    def set_input_stats(self, mean: Sequence[float], std: Sequence[float], channels: int) -> None:
+        """Register the model's input mean and std (per channel, averaged to ``channels`` where the
+        config states another count) for ``normalize``; buffers, so they follow the device."""
+        mean, std = list(mean), list(std)
+        if len(mean) != channels:  # timm's configs state 3 (or 1) values
+            mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
+        self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images (B, C, *spatial) to the model's input statistics (``set_input_stats``)."""
+        mean, std = self.mean, self.std
+        if x.dim() > mean.dim():  # volumes (B, C, D, H, W)
+            mean = mean.view(*mean.shape, *[1] * (x.dim() - mean.dim()))
+            std = std.view(*std.shape, *[1] * (x.dim() - std.dim()))
+        return (x - mean) / std
 
     # ------------------------------------------------------------------------------------------ seeding
 

@@ -86,11 +86,7 @@ class ClassificationTask(BaseTask):
             hp.model, pretrained=hp.pretrained, num_classes=hp.num_classes, in_chans=hp.in_chans,
             **extra, **(hp.model_kwargs or {}))
         cfg = timm.data.resolve_model_data_config(self.model)
-        mean, std = cfg['mean'], cfg['std']
-        if len(mean) != hp.in_chans:  # a mean/std per channel; timm's configs state 3 (or 1)
-            mean, std = (sum(mean) / len(mean),) * hp.in_chans, (sum(std) / len(std),) * hp.in_chans
-        self.register_buffer('mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.set_input_stats(cfg['mean'], cfg['std'], hp.in_chans)
 
     def configure_losses(self) -> None:
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -123,17 +119,6 @@ class ClassificationTask(BaseTask):
         self.test_loss = MeanMetric()
         self.val_confusion = MulticlassConfusionMatrix(n) if n <= _CONFUSION_MAX_CLASSES else None
         self.confusion: Optional[torch.Tensor] = None  # the last validation epoch's, for the plot
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, 'datamodule', None)
-        found = getattr(dm, 'num_classes', None)
-        if found is not None and found != self.hparams.num_classes:
-            raise ValueError(f'the data has {found} classes, the model\'s head {self.hparams.num_classes}: '
-                             f'set model.init_args.num_classes to {found}')
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images to the model's input statistics."""
-        return (x - self.mean) / self.std
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch

@@ -85,11 +85,8 @@ class DetectionTask(BaseTask):
         self.samples: List[Tuple[torch.Tensor, Target, Target]] = []
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)  # the class count, the background included on both sides
         dm = getattr(self.trainer, 'datamodule', None)
-        found = getattr(dm, 'num_classes', None)
-        if found is not None and found != self.hparams.num_classes:
-            raise ValueError(f'the data has {found} classes with the background, the detector '
-                             f'{self.hparams.num_classes}: set model.init_args.num_classes to {found}')
         if self.masks and dm is not None and getattr(dm, 'masks', True) is False:
             raise ValueError('mask_rcnn trains on instance masks: set data.init_args.masks to true')
 

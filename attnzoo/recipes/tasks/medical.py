@@ -8,7 +8,7 @@ from torchmetrics import MeanMetric
 
 import attnzoo  # noqa: F401  (registers the az_* models with timm)
 
-from .base import BaseTask, EmaConfig, OptimizerConfig, SchedulerConfig
+from .base import BaseTask, EmaConfig, OptimizerConfig, SchedulerConfig, backbone_mean_std
 
 __all__ = ['MedicalSegmentationTask']
 
@@ -86,10 +86,7 @@ class MedicalSegmentationTask(BaseTask):
             hp.arch, hp.backbone, spatial_dims=hp.spatial_dims, in_chans=hp.in_chans, num_classes=hp.num_classes,
             **(hp.model_kwargs or {}))
         if hp.backbone is not None:
-            from .segmentation import backbone_mean_std
-            mean, std = backbone_mean_std(hp.backbone, hp.in_chans)
-            self.register_buffer('mean', mean, persistent=False)
-            self.register_buffer('std', std, persistent=False)
+            self.set_input_stats(*backbone_mean_std(hp.backbone), hp.in_chans)
 
     def configure_losses(self) -> None:
         from monai.losses import DeepSupervisionLoss, DiceCELoss
@@ -117,9 +114,7 @@ class MedicalSegmentationTask(BaseTask):
         return image, label, None
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.hparams.backbone is not None:
-            return (x - self.mean) / self.std
-        return x
+        return self.normalize(x) if self.hparams.backbone is not None else x
 
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
         """Full-size logits (B, num_classes, *S) of the evaluation network, windowed if ``roi_size``."""

@@ -10,20 +10,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 import attnzoo  # noqa: F401  (registers the az_* models with timm)
 
-from .base import BaseTask, EmaConfig, OptimizerConfig, SchedulerConfig
+from .base import BaseTask, EmaConfig, OptimizerConfig, SchedulerConfig, backbone_mean_std
 
-__all__ = ['SegmentationTask', 'backbone_mean_std']
-
-
-def backbone_mean_std(backbone: str, channels: int = 3) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The pretraining mean and std of a timm/zoo ``backbone`` as (1, channels, 1, 1) tensors (one
-    value over every channel, their average, where ``channels`` differs from the config's)."""
-    from timm.models import resolve_pretrained_cfg
-    cfg = resolve_pretrained_cfg(backbone.split('.')[0])
-    mean, std = list(cfg.mean), list(cfg.std)
-    if len(mean) != channels:
-        mean, std = [sum(mean) / len(mean)] * channels, [sum(std) / len(std)] * channels
-    return torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+__all__ = ['SegmentationTask']
 
 
 class SegmentationTask(BaseTask):
@@ -75,9 +64,7 @@ class SegmentationTask(BaseTask):
         kwargs = dict(hp.model_kwargs or {})
         self.model = create_segmentation_model(
             hp.arch, hp.backbone, hp.num_classes, pretrained_backbone=hp.pretrained_backbone, **kwargs)
-        mean, std = backbone_mean_std(hp.backbone, kwargs.get('in_chans', 3))
-        self.register_buffer('mean', mean, persistent=False)
-        self.register_buffer('std', std, persistent=False)
+        self.set_input_stats(*backbone_mean_std(hp.backbone), kwargs.get('in_chans', 3))
 
     def configure_metrics(self) -> None:
         n, ignore = self.hparams.num_classes, self.hparams.ignore_index
@@ -91,17 +78,6 @@ class SegmentationTask(BaseTask):
         self.test_loss = MeanMetric()
         # the first validation images, their labels and predictions, for the figure
         self.samples: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, 'datamodule', None)
-        found = getattr(dm, 'num_classes', None)
-        if found is not None and found != self.hparams.num_classes:
-            raise ValueError(f'the data has {found} classes, the model {self.hparams.num_classes}: '
-                             f'set model.init_args.num_classes to {found}')
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] images to the backbone's input statistics."""
-        return (x - self.mean) / self.std
 
     def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, ignore_index=self.hparams.ignore_index)
