@@ -168,14 +168,17 @@ class AgentDeiT(nn.Module):
             self,
             x: torch.Tensor,
             indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
         """Block outputs for ``indices`` (None: all, int n: last n, list: those) as patch-token maps,
         NCHW ``(B, C, h, w)`` or NLC ``(B, h*w, C)``, the class token dropped (after the final norm
-        with ``norm``); unless ``intermediates_only`` the final normed tokens too.
+        with ``norm``); unless ``intermediates_only`` the final normed tokens too. With
+        ``return_prefix_tokens`` each intermediate is a pair (map, class token ``(B, 1, C)``), as
+        timm's ViTs return them (smp's DPT reads the class token so).
         """
         if output_fmt not in ('NCHW', 'NLC'):
             raise ValueError(f"Agent-DeiT intermediates are NCHW or NLC, output_fmt {output_fmt!r} is not supported")
@@ -183,13 +186,14 @@ class AgentDeiT(nn.Module):
         taken, max_index = take_indices(len(self.blocks), indices)
         blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
         x, (H, W) = self._pos_embed(self.patch_embed(x))
-        intermediates = []
+        intermediates: List[Any] = []
         for i, block in enumerate(blocks):
             x = self._block(block, x, (H, W))
             if i in taken:
                 y = self.norm(x) if norm else x
-                y = y[:, self.num_prefix_tokens:]
-                intermediates.append(y.transpose(1, 2).reshape(y.shape[0], -1, H, W) if output_fmt == 'NCHW' else y)
+                tokens = y[:, self.num_prefix_tokens:]
+                out = tokens.transpose(1, 2).reshape(y.shape[0], -1, H, W) if output_fmt == 'NCHW' else tokens
+                intermediates.append((out, y[:, :self.num_prefix_tokens]) if return_prefix_tokens else out)
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates

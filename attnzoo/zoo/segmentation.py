@@ -24,7 +24,8 @@ Architectures (``arch``):
   ``'smp:unetplusplus'``, ``'smp:manet'``, ``'smp:linknet'``, ``'smp:fpn'``, ``'smp:pspnet'``,
   ``'smp:segformer'``, ``'smp:upernet'``, ``'smp:dpt'``), built by smp over the zoo backbone as its
   ``tu-`` encoder, for the families whose strides are 4-32 (all but SHViT and Agent-DeiT, which reach
-  them only through a neck). DeepLabV3, DeepLabV3+ and PAN need a dilated encoder, which none is.
+  them only through a neck); ``'smp:dpt'``, smp's ViT decoder, also takes Agent-DeiT, a plain ViT.
+  DeepLabV3, DeepLabV3+ and PAN need a dilated encoder, which none is.
 
 The modules of ``'upernet'`` and ``'fpn'`` carry mmseg's names (``backbone``, ``neck``,
 ``decode_head``, ``auxiliary_head``), so the papers' released ADE20K checkpoints load with
@@ -220,10 +221,12 @@ def _create_smp(
     import segmentation_models_pytorch as smp
 
     name, setting = resolve_dense_setting(backbone, dense_cfg)
-    if setting is not None and setting.neck is not None:
+    # DPT, smp's ViT decoder, reads a plain ViT's blocks at its one stride: Agent-DeiT needs no neck
+    vit_for_dpt = arch == 'dpt' and setting is not None and setting.neck == 'simple_fpn'
+    if setting is not None and setting.neck is not None and not vit_for_dpt:
         raise ValueError(
             f'smp architectures need encoder levels at strides 4-32; {backbone} reaches them only through '
-            f"its neck: use arch 'upernet' or 'fpn'")
+            f"its neck: use arch 'upernet' or 'fpn'" + (" (or 'smp:dpt')" if setting.neck == 'simple_fpn' else ''))
     encoder_kwargs: Dict[str, Any] = {}
     if setting is not None:
         variant = backbone.split('.')[0].rsplit('_', 1)[-1]
@@ -245,12 +248,20 @@ def _create_smp(
             raise
         # DeepLabV3(+) and PAN dilate their encoder's last stages (output stride 8 or 16)
         raise ValueError(f'smp:{arch} needs a dilated encoder, which {backbone} is not: {e}') from e
+    if arch == 'dpt':
+        # DPT reads block outputs before the final norm and never the classifier: without them no
+        # parameter is left without a gradient (DDP refuses those unless told to look for them)
+        model.encoder.model.prune_intermediate_layers([len(model.encoder.model.feature_info) - 1], prune_norm=True)
     inner = getattr(model.encoder.model, 'model', None)
     if inner is not None and getattr(inner, 'head', None) is not None:
         # the getter keeps the classifier module (DaViT's pool-norm head) though it never runs it
         inner.head = nn.Identity()
     min_size = getattr(model.encoder.model, 'min_input_size', None) or getattr(inner, 'min_input_size', 32)
     divisor = getattr(model, 'requires_divisible_input_shape', True) and model.encoder.output_stride or 1
+    if arch == 'dpt':
+        # DPT fuses a level it makes at twice the encoder's stride with one upsampled from it: the
+        # token grid must be even (smp asks only for the stride, and fails at 80x112 with timm's ViTs too)
+        divisor *= 2
     return SmpSegmentationModel(model, divisor, max(min_size, 32))
 
 

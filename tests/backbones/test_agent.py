@@ -302,3 +302,21 @@ def test_agent_deit_features_are_block_maps_at_stride_16(tmp_path):
     # the last block's map is the patch tokens before the final norm
     assert not torch.allclose(feats[-1].flatten(2).transpose(1, 2), tokens[:, 1:])
     torch.testing.assert_close(model.norm(feats[-1].flatten(2).transpose(1, 2)), tokens[:, 1:])
+
+
+def test_agent_deit_intermediates_with_prefix_tokens_as_timm_vits():
+    # timm's ViT convention (smp's DPT relies on it): (map, class token) pairs, the maps unchanged
+    model = randomize_(timm.create_model('az_agent_deit_t', depth=3, num_agent_blocks=2)).eval()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        plain = model.forward_intermediates(x, indices=[0, 2], intermediates_only=True)
+        final, pairs = model.forward_intermediates(x, indices=[0, 2], return_prefix_tokens=True, norm=True)
+        tokens = model.forward_features(x)
+        normed = model.forward_intermediates(x, indices=[0, 2], norm=True, intermediates_only=True)
+    assert [tuple(m.shape) for m, _ in pairs] == [(2, 192, 4, 5)] * 2
+    assert [tuple(p.shape) for _, p in pairs] == [(2, 1, 192)] * 2
+    assert all(torch.equal(m, n) for (m, _), n in zip(pairs, normed))
+    assert not torch.equal(pairs[-1][0], plain[-1])
+    # the last block's class token after the final norm is forward_features' class token
+    torch.testing.assert_close(pairs[-1][1], tokens[:, :1])
+    torch.testing.assert_close(final, tokens)

@@ -125,8 +125,23 @@ def test_smp_tu_encoder_and_dense_settings():
     assert model.eval()(torch.randn(1, 3, 40, 72)).shape == (1, 3, 40, 72)
     with pytest.raises(ValueError, match='only through'):
         create_segmentation_model('smp:unet', 'az_shvit_s1', 3)
+    with pytest.raises(ValueError, match=r"only through .*'smp:dpt'"):
+        create_segmentation_model('smp:unet', 'az_agent_deit_t', 3)
     with pytest.raises(ValueError, match='dilated'):
         create_segmentation_model('smp:deeplabv3plus', 'az_van_b0', 3)
+
+
+def test_smp_dpt_reads_agent_deit_as_a_vit_with_its_class_token():
+    # DPT's encoder asks timm's ViT API for (map, class token) pairs and reassembles them
+    model = create_segmentation_model('smp:dpt', 'az_agent_deit_t', 4, drop_path_rate=0.,
+                                      decoder_intermediate_channels=(16, 16, 16, 16), decoder_fusion_channels=16)
+    encoder = model.model.encoder
+    assert encoder.has_prefix_tokens and encoder.output_strides == [16] * 4
+    x = torch.randn(2, 3, 70, 102)  # padded to multiples of 16, cropped back
+    out = model.eval()(x)
+    assert out.shape == (2, 4, 70, 102) and torch.isfinite(out).all()
+    model.train()(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_outputs_config_and_errors():
