@@ -236,10 +236,15 @@ def test_bf16_autocast_on_cpu(name):
     assert ((out.float() - ref).norm() / ref.norm()).item() < 0.05
 
 
-# inductor's compile time grows with the graph, not the input: the three costliest to compile run
+# inductor's compile time grows with the graph, not the input: the costliest to compile run
 # with fewer blocks, every kind of block still there (Agent-DeiT: one agent and one plain block)
 COMPILE_KWARGS = {
     'az_agent_deit_t': dict(depth=2, num_agent_blocks=1),
+    'az_agent_pvt_t': dict(depths=(1, 1, 1, 1)),
+    # an agent block in each of the first three stages, a window and a shifted-window block in the last
+    'az_agent_swin_t': dict(depths=(1, 1, 1, 2), num_agent_blocks=(1, 1, 1, 0)),
+    # a dilated and an undilated block in every stage that has both
+    'az_dinat_mini': dict(depths=(2, 2, 2, 1), dilations=((1, 8), (1, 4), (1, 2), (1,))),
     'az_litv2_s': dict(depths=(1, 1, 1, 1)),
     'az_stvit_s': dict(depths=(1, 1, 1, 1)),
 }
