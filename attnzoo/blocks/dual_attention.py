@@ -38,16 +38,21 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         wh, ww = self.window_size
-        pad_b, pad_r = (wh - H % wh) % wh, (ww - W % ww) % ww
+        # window counts by ceiling division, every size derived from them: under dynamic-shape
+        # compilation sizes written as H + (wh - H % wh) % wh or inferred (-1) nest modulos and floor
+        # divisions block after block, until sympy spends minutes simplifying them
+        nh, nw = (H + wh - 1) // wh, (W + ww - 1) // ww
+        Hp, Wp = nh * wh, nw * ww
+        pad_b, pad_r = Hp - H, Wp - W
         if pad_b or pad_r:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        Hp, Wp = H + pad_b, W + pad_r
         # Partition once, before the projection, so q, k and v are born in window layout.
-        x = x.view(B, Hp // wh, wh, Wp // ww, ww, C).transpose(2, 3).reshape(-1, wh, ww, C)
-        q, k, v = self.qkv(x).view(-1, wh, ww, 3, self.num_heads, C // self.num_heads).unbind(3)
-        x = window_attention(q, k, v, (wh, ww)).reshape(-1, wh, ww, C)
+        n = B * nh * nw
+        x = x.view(B, nh, wh, nw, ww, C).transpose(2, 3).reshape(n, wh, ww, C)
+        q, k, v = self.qkv(x).view(n, wh, ww, 3, self.num_heads, C // self.num_heads).unbind(3)
+        x = window_attention(q, k, v, (wh, ww)).reshape(n, wh, ww, C)
         x = self.proj(x)
-        x = x.view(B, Hp // wh, Wp // ww, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        x = x.view(B, nh, nw, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if pad_b or pad_r:
             x = x[:, :H, :W].contiguous()
         return x
