@@ -35,6 +35,14 @@ def _meta(name, **kwargs):
         return timm.create_model(name, **kwargs)
 
 
+def _random_weights_as_pretrained(name, tmp_path):
+    """A model with random weights, and the create_model arguments that load those weights as its pretrained file."""
+    model = randomize_(timm.create_model(name)).eval()
+    path = tmp_path / 'weights.pth'
+    torch.save(model.state_dict(), path)
+    return model, dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
 def _num_params(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -120,10 +128,7 @@ def test_features_head_and_classifier_reset(name):
 
 @pytest.mark.parametrize('name', HEAVY)
 def test_features_only_getter_and_intermediates(name, tmp_path):
-    model = randomize_(timm.create_model(name)).eval()
-    path = tmp_path / 'weights.pth'
-    torch.save(model.state_dict(), path)
-    weights = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model, weights = _random_weights_as_pretrained(name, tmp_path)
     x = torch.randn(1, 3, *NON_SQUARE)
     fm = timm.create_model(name, features_only=True, **weights).eval()
     info = fm.feature_info
@@ -309,10 +314,7 @@ def test_fx_trace_matches_eager_forward_and_backward(name):
 
 @pytest.mark.parametrize('name', HEAVY)
 def test_features_only_fx_matches_getter(name, tmp_path):
-    model = randomize_(timm.create_model(name)).eval()
-    path = tmp_path / 'weights.pth'
-    torch.save(model.state_dict(), path)
-    weights = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model, weights = _random_weights_as_pretrained(name, tmp_path)
     fx = timm.create_model(name, features_only=True, feature_cls='fx', **weights).eval()
     getter = timm.create_model(name, features_only=True, feature_cls='getter', **weights).eval()
     assert fx.feature_info.channels() == getter.feature_info.channels()
