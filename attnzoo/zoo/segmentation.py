@@ -248,10 +248,6 @@ def _create_smp(
             raise
         # DeepLabV3(+) and PAN dilate their encoder's last stages (output stride 8 or 16)
         raise ValueError(f'smp:{arch} needs a dilated encoder, which {backbone} is not: {e}') from e
-    if arch == 'dpt':
-        # DPT reads block outputs before the final norm and never the classifier: without them no
-        # parameter is left without a gradient (DDP refuses those unless told to look for them)
-        model.encoder.model.prune_intermediate_layers([len(model.encoder.model.feature_info) - 1], prune_norm=True)
     inner = getattr(model.encoder.model, 'model', None)
     if inner is not None and getattr(inner, 'head', None) is not None:
         # the getter keeps the classifier module (DaViT's pool-norm head) though it never runs it
@@ -262,6 +258,9 @@ def _create_smp(
         # DPT fuses a level it makes at twice the encoder's stride with one upsampled from it: the
         # token grid must be even (smp asks only for the stride, and fails at 80x112 with timm's ViTs too)
         divisor *= 2
+        # it reads block outputs before the final norm and never the classifier: without them no
+        # parameter is left without a gradient (DDP refuses those unless told to look for them)
+        model.encoder.model.prune_intermediate_layers([len(model.encoder.model.feature_info) - 1], prune_norm=True)
     return SmpSegmentationModel(model, divisor, max(min_size, 32))
 
 

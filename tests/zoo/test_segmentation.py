@@ -137,7 +137,7 @@ def test_smp_dpt_reads_agent_deit_as_a_vit_with_its_class_token():
                                       decoder_intermediate_channels=(16, 16, 16, 16), decoder_fusion_channels=16)
     encoder = model.model.encoder
     assert encoder.has_prefix_tokens and encoder.output_strides == [16] * 4
-    x = torch.randn(2, 3, 70, 102)  # padded to multiples of 16, cropped back
+    x = torch.randn(2, 3, 70, 102)  # padded to multiples of 32 (twice the stride), cropped back
     out = model.eval()(x)
     assert out.shape == (2, 4, 70, 102) and torch.isfinite(out).all()
     model.train()(x).square().mean().backward()
