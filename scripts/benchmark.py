@@ -307,12 +307,17 @@ def count_macs(model: nn.Module, input_size: Tuple[int, ...], device: torch.devi
     return counter.get_total_flops() // 2
 
 
-def time_iterations(step: Callable[[], Any], warmup: int, iters: int, device: torch.device) -> List[float]:
-    """Seconds taken by each of ``iters`` calls of ``step``, after ``warmup`` untimed calls."""
+def time_iterations(step: Callable[[], Any], warmup: int, iters: int, device: torch.device,
+                    after_warmup: Optional[Callable[[], None]] = None) -> List[float]:
+    """Seconds taken by each of ``iters`` calls of ``step``, after ``warmup`` untimed calls and then
+    ``after_warmup()`` (a memory counter's reset, say), once the warm-up's GPU work is done."""
     for _ in range(warmup):
         step()
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
+    if after_warmup is not None:
+        after_warmup()
+    if device.type == 'cuda':
         # Events time the GPU itself; a single synchronize at the end lets the host queue work ahead
         # as it would in real use, instead of draining the queue after every iteration.
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -413,8 +418,11 @@ class ModelBenchmark:
     def inference(self) -> Tuple[float, Optional[float]]:
         """(median seconds per batch, peak GiB) of forward passes in inference mode."""
         step = self.inference_step()
-        reset_peak_memory(self.device)
-        times = time_iterations(step, self.args.warmup, self.args.iters, self.device)
+        # The peak is the timed steps' alone: warm-up calls also hold what first calls allocate once
+        # (cuDNN's algorithm search, Triton's autotuning), which would fall on whichever model of the
+        # run met a layer shape first.
+        times = time_iterations(step, self.args.warmup, self.args.iters, self.device,
+                                after_warmup=lambda: reset_peak_memory(self.device))
         return statistics.median(times), peak_memory_gib(self.device)
 
     def _num_classes(self) -> int:
@@ -434,9 +442,6 @@ class ModelBenchmark:
         optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
         x = self._input(self.args.train_batch_size)
         target = torch.randint(0, num_classes, (self.args.train_batch_size,), device=self.device)
-        # Reset after the inputs exist but before the first step, so the peak includes gradients
-        # and the momentum buffers the optimizer creates lazily.
-        reset_peak_memory(self.device)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
@@ -445,7 +450,10 @@ class ModelBenchmark:
             loss.backward()
             optimizer.step()
 
-        times = time_iterations(step, self.args.warmup, self.args.iters, self.device)
+        # Reset after the warm-up steps (as in inference): the momentum buffers they created stay
+        # allocated and count, the gradients are freed and re-made by every timed step and count.
+        times = time_iterations(step, self.args.warmup, self.args.iters, self.device,
+                                after_warmup=lambda: reset_peak_memory(self.device))
         return statistics.median(times), peak_memory_gib(self.device)
 
 

@@ -117,6 +117,15 @@ def test_kernel_mode_times_na2d_and_its_peers(bench, tmp_path, capsys):
     assert 'B2 h2 10x12 d16 k3 dil2' in capsys.readouterr().out
 
 
+def test_the_peak_is_reset_between_warm_up_and_timed_steps(bench):
+    # what first calls allocate once (cuDNN's algorithm search, autotuning) must not count in the
+    # peak: the reset falls after the last warm-up call and before the first timed one
+    calls = []
+    times = bench.time_iterations(lambda: calls.append('step'), 2, 3, torch.device('cpu'),
+                                  after_warmup=lambda: calls.append('reset'))
+    assert calls == ['step', 'step', 'reset', 'step', 'step', 'step'] and len(times) == 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA graphs need a GPU')
 def test_graph_replays_leave_the_host_out(bench):
     # a step that keeps its host busy 2 ms for a few microseconds of GPU work: eager calls measure
