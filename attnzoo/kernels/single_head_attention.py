@@ -27,7 +27,14 @@ def single_head_attention(
         ``(B, N, v_dim)``.
     """
     _check_args(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return _sdpa_one_head(q, k, v, scale)
+
+
+def _sdpa_one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    # as one head of (B, 1, N, d): SDPA's fused kernels take 4-D inputs only, 3-D ones go to its math
+    # path, which on CUDA upcasts bf16/fp16 to float32 in extra copies (eight launches where the
+    # fused kernel takes one)
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)[:, 0]
 
 
 def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -54,7 +61,7 @@ def _single_head_attention_cpu(
     _check_args(q, k, v)
     B, N, d = q.shape
     if B * N * N > _CPU_MAX_SCORES:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return _sdpa_one_head(q, k, v, scale)
     scale = d ** -0.5 if scale is None else scale
     # beta=0: the scores are alpha * q k^T alone, the input term is ignored
     scores = torch.baddbmm(q.new_zeros(()).expand(B, N, N), q, k.transpose(1, 2), beta=0, alpha=scale)
