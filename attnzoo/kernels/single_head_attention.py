@@ -34,7 +34,16 @@ def _sdpa_one_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
     # as one head of (B, 1, N, d): SDPA's fused kernels take 4-D inputs only, 3-D ones go to its math
     # path, which on CUDA upcasts bf16/fp16 to float32 in extra copies (eight launches where the
     # fused kernel takes one)
-    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)[:, 0]
+    v_dim = v.shape[-1]
+    # and, on CUDA, head dims in whole 16-byte rows (multiples of 8 in bf16/fp16), which SHViT-S1-S3's
+    # v widths (68, 66, 75) are not: zero columns of v make zero columns of the output, cut off after.
+    # Padded on every device, so that the CPU's tests run this path too (a copy of v, next to
+    # attention over more than 2^24 scores where the CPU gets here)
+    pad = -v_dim % 8
+    if pad:
+        v = F.pad(v, (0, pad))
+    out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=scale)[:, 0]
+    return out[..., :v_dim] if pad else out
 
 
 def _check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
