@@ -13,8 +13,8 @@ authors' own code, kept outside this package:
         --peer-factory official_models:van_b0:van_b0_official --pairs az_van_b0=van_b0_official
 
 On a CPU the defaults measure batch-1 latency (the ``infer ms`` column, the median after warm-up);
-``--interleave`` times the rows' forward passes in turns, one each per round, so that load from
-other processes on a shared machine falls on every row alike:
+``--interleave`` times the rows' steps in turns, one each per round (forward passes, then training
+steps), so that load from other processes on a shared machine falls on every row alike:
 
     python scripts/benchmark.py --device cpu --threads 2 --no-train --interleave --iters 30 \
         --models az_davit_tiny --peers davit_tiny
@@ -130,9 +130,9 @@ def _build_parser() -> argparse.ArgumentParser:
                              '(default: 30 on CUDA, 10 on CPU).')
     parser.add_argument('--no-train', action='store_true', help='Measure inference only, no train step.')
     parser.add_argument('--interleave', action='store_true',
-                        help="Build every row's model first, then time their forward passes in turns (one "
-                             "each per round) so that other load falls on every row alike; all models are "
-                             "held in memory at once. Train steps, if any, follow row by row.")
+                        help="Build every row's model first, then time their steps in turns (one each per "
+                             "round; inference, then training) so that other load falls on every row alike; "
+                             "all models are held in memory at once and no peak memory is reported.")
     kernels = parser.add_argument_group('--mode kernels', 'neighborhood attention (na2d) against its peers')
     kernels.add_argument('--cases', nargs='+', default=None, metavar='B,HEADS,H,W,D,K,DIL',
                          help='Shapes to measure (default: the Triton issue\'s targets and DiNAT-T\'s layers).')
@@ -435,8 +435,8 @@ class ModelBenchmark:
                 width = self.model.eval()(self._input(1)).shape[-1]
         return width
 
-    def train(self) -> Tuple[float, Optional[float]]:
-        """(median seconds per step, peak GiB) of forward + cross-entropy + backward + SGD step."""
+    def train_step(self) -> Callable[[], None]:
+        """One training step (forward, cross-entropy, backward, SGD step) of a batch, as a callable to time."""
         num_classes = self._num_classes()
         self.runner.train()
         optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
@@ -450,6 +450,11 @@ class ModelBenchmark:
             loss.backward()
             optimizer.step()
 
+        return step
+
+    def train(self) -> Tuple[float, Optional[float]]:
+        """(median seconds per step, peak GiB) of ``train_step``."""
+        step = self.train_step()
         # Reset after the warm-up steps (as in inference): the momentum buffers they created stay
         # allocated and count, the gradients are freed and re-made by every timed step and count.
         times = time_iterations(step, self.args.warmup, self.args.iters, self.device,
@@ -533,42 +538,56 @@ def benchmark_job(job: Job, args: argparse.Namespace, device: torch.device) -> D
 
 def benchmark_interleaved(jobs: Sequence[Job], args: argparse.Namespace, device: torch.device,
                           progress: Callable[[Iterator], Iterator] = iter) -> List[Dict[str, Any]]:
-    """Measure every row with their inference timed in turns: all models are built (and warmed up)
-    first, then each round times one forward pass of each. Load from other processes during the run
-    falls on all rows alike, which back-to-back phases per model cannot promise on a shared machine.
-    Peak memory is not reported (every model is resident at once). A failing row is recorded and
-    leaves the rotation."""
+    """Measure every row with each phase timed in turns: all models are built first; each phase's
+    steps are warmed up, then every round times one step of each row (inference, then training).
+    Load from other processes during the run falls on all rows alike, which back-to-back phases per
+    model cannot promise on a shared machine. Peak memory is not reported (every model, and in
+    training every optimizer, is resident at once). A failing row is recorded and leaves the rotation."""
     rows = [new_row(job, args) for job in jobs]
     benches: Dict[int, ModelBenchmark] = {}
-    steps: Dict[int, Callable[[], None]] = {}
-    times: Dict[int, List[float]] = {}
     for i, job in enumerate(jobs):
         try:
             benches[i] = prepare(job, args, device, rows[i])
-            steps[i] = benches[i].inference_step()
+        except Exception as exc:
+            rows[i]['error'] = _describe_error(exc)
+    for i, seconds in _rounds(benches, rows, lambda bench: bench.inference_step(), args, device, progress).items():
+        _record_inference(rows[i], seconds, None, args.batch_size)
+    if not args.no_train:
+        for i, seconds in _rounds(benches, rows, lambda bench: bench.train_step(), args, device, progress).items():
+            rows[i]['train_ms'] = seconds * 1e3
+            rows[i]['train_img_s'] = args.train_batch_size / seconds
+    for i in list(benches):
+        del benches[i]
+        _release(device, jobs[i].compiled)
+    return rows
+
+
+def _rounds(benches: Dict[int, 'ModelBenchmark'], rows: List[Dict[str, Any]],
+            make_step: Callable[['ModelBenchmark'], Callable[[], None]], args: argparse.Namespace,
+            device: torch.device, progress: Callable[[Iterator], Iterator]) -> Dict[int, float]:
+    """Median seconds per step of each bench's ``make_step(bench)``, timed one step per row per round
+    after every row's warm-up. A row that fails gets its error and leaves ``benches``."""
+    steps: Dict[int, Callable[[], None]] = {}
+    times: Dict[int, List[float]] = {}
+
+    def fail(i: int, exc: BaseException) -> None:
+        rows[i]['error'] = _describe_error(exc)
+        steps.pop(i, None), times.pop(i, None), benches.pop(i, None)
+
+    for i in list(benches):
+        try:
+            steps[i] = make_step(benches[i])
             time_iterations(steps[i], args.warmup, 0, device)
             times[i] = []
         except Exception as exc:
-            rows[i]['error'] = _describe_error(exc)
-            benches.pop(i, None)
+            fail(i, exc)
     for _ in progress(range(args.iters)):
         for i in list(times):
             try:
                 times[i] += time_iterations(steps[i], 0, 1, device)
             except Exception as exc:
-                rows[i]['error'] = _describe_error(exc)
-                del times[i], benches[i]
-    for i, row_times in times.items():
-        _record_inference(rows[i], statistics.median(row_times), None, args.batch_size)
-    steps.clear()
-    for i in list(benches):
-        try:
-            _record_train(rows[i], benches[i], args)
-        except Exception as exc:
-            rows[i]['error'] = _describe_error(exc)
-        del benches[i]
-        _release(device, jobs[i].compiled)
-    return rows
+                fail(i, exc)
+    return {i: statistics.median(row_times) for i, row_times in times.items()}
 
 
 def add_ratios(rows: List[Dict[str, Any]], pairs: Optional[Dict[str, str]] = None) -> None:

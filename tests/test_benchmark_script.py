@@ -200,6 +200,32 @@ def test_peer_factory_pairs_and_interleaved_latency(bench, user_peers, tmp_path,
     assert 'infer ms' in table and 'shvit_official' in table and 'interleaved' in table
 
 
+def test_interleaved_training_steps_take_turns(bench, monkeypatch):
+    # a training step per row per round, after every row's warm-up; no peaks (all rows resident)
+    order = []
+    real = bench.ModelBenchmark.train_step
+
+    def train_step(self):
+        step = real(self)
+
+        def logged():
+            order.append(self.job.label)
+            step()
+        return logged
+
+    monkeypatch.setattr(bench.ModelBenchmark, 'train_step', train_step)
+    rows = bench.benchmark_interleaved(
+        [bench.Job('az_shvit_s1', 'model', False), bench.Job('shvit_s1', 'peer', False)],
+        bench.parse_args(['--models', 'az_shvit_s1', '--device', 'cpu', '--img-size', '64', '--batch-size', '2',
+                          '--train-batch-size', '2', '--interleave', '--warmup', '1', '--iters', '3']),
+        torch.device('cpu'))
+    assert order == ['az_shvit_s1', 'shvit_s1'] + ['az_shvit_s1', 'shvit_s1'] * 3
+    for row in rows:
+        assert row['error'] is None and row['train_ms'] > 0 and row['infer_ms'] > 0
+        assert row['train_img_s'] == pytest.approx(2e3 / row['train_ms'])
+        assert row['train_peak_gib'] is None
+
+
 def test_peer_factory_gets_the_asked_size(bench, user_peers):
     sys.path.insert(0, str(user_peers))
     factory = bench.load_peer_factory('user_peers:small_shvit')
