@@ -417,10 +417,13 @@ class ModelBenchmark:
 
     def inference(self) -> Tuple[float, Optional[float]]:
         """(median seconds per batch, peak GiB) of forward passes in inference mode."""
-        step = self.inference_step()
-        # The peak is the timed steps' alone: warm-up calls also hold what first calls allocate once
-        # (cuDNN's algorithm search, Triton's autotuning), which would fall on whichever model of the
-        # run met a layer shape first.
+        return self._median_and_peak(self.inference_step())
+
+    def _median_and_peak(self, step: Callable[[], None]) -> Tuple[float, Optional[float]]:
+        """(median seconds, peak GiB) of ``step``'s timed calls. The peak is theirs alone, reset after
+        the warm-up: warm-up calls also hold what first calls allocate once (cuDNN's algorithm search,
+        Triton's autotuning), which would fall on whichever model of the run met a layer shape first;
+        what stays allocated (a training step's momentum buffers) counts."""
         times = time_iterations(step, self.args.warmup, self.args.iters, self.device,
                                 after_warmup=lambda: reset_peak_memory(self.device))
         return statistics.median(times), peak_memory_gib(self.device)
@@ -454,12 +457,7 @@ class ModelBenchmark:
 
     def train(self) -> Tuple[float, Optional[float]]:
         """(median seconds per step, peak GiB) of ``train_step``."""
-        step = self.train_step()
-        # Reset after the warm-up steps (as in inference): the momentum buffers they created stay
-        # allocated and count, the gradients are freed and re-made by every timed step and count.
-        times = time_iterations(step, self.args.warmup, self.args.iters, self.device,
-                                after_warmup=lambda: reset_peak_memory(self.device))
-        return statistics.median(times), peak_memory_gib(self.device)
+        return self._median_and_peak(self.train_step())
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -501,11 +499,10 @@ def _record_inference(row: Dict[str, Any], seconds: float, peak: Optional[float]
     row['infer_peak_gib'] = peak
 
 
-def _record_train(row: Dict[str, Any], bench: ModelBenchmark, args: argparse.Namespace) -> None:
-    if not args.no_train:
-        seconds, row['train_peak_gib'] = bench.train()
-        row['train_ms'] = seconds * 1e3
-        row['train_img_s'] = args.train_batch_size / seconds
+def _record_train(row: Dict[str, Any], seconds: float, peak: Optional[float], batch_size: int) -> None:
+    row['train_ms'] = seconds * 1e3
+    row['train_img_s'] = batch_size / seconds
+    row['train_peak_gib'] = peak
 
 
 def _release(device: torch.device, compiled: bool) -> None:
@@ -527,7 +524,8 @@ def benchmark_job(job: Job, args: argparse.Namespace, device: torch.device) -> D
     try:
         bench = prepare(job, args, device, row)
         _record_inference(row, *bench.inference(), args.batch_size)
-        _record_train(row, bench, args)
+        if not args.no_train:
+            _record_train(row, *bench.train(), args.train_batch_size)
     except Exception as exc:
         row['error'] = _describe_error(exc)
     finally:
@@ -554,8 +552,7 @@ def benchmark_interleaved(jobs: Sequence[Job], args: argparse.Namespace, device:
         _record_inference(rows[i], seconds, None, args.batch_size)
     if not args.no_train:
         for i, seconds in _rounds(benches, rows, lambda bench: bench.train_step(), args, device, progress).items():
-            rows[i]['train_ms'] = seconds * 1e3
-            rows[i]['train_img_s'] = args.train_batch_size / seconds
+            _record_train(rows[i], seconds, None, args.train_batch_size)
     for i in list(benches):
         del benches[i]
         _release(device, jobs[i].compiled)
