@@ -36,6 +36,7 @@ import argparse
 import gc
 import importlib
 import inspect
+import itertools
 import json
 import os
 import platform
@@ -369,6 +370,16 @@ def peak_memory_gib(device: torch.device) -> Optional[float]:
     return torch.cuda.max_memory_allocated(device) / _GIB
 
 
+def to_channels_last(model: nn.Module) -> None:
+    """The channels_last layout for every 4-D parameter and buffer (the convolutions' weights).
+
+    ``Module.to(memory_format=torch.channels_last)`` converts 5-D tensors too, which that layout
+    cannot hold, and fails on a model with any (the Agent Attention authors' bias grids)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.dim() == 4:
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
 class ModelBenchmark:
     """Inference and train-step measurements of one model under the run's settings."""
 
@@ -384,7 +395,9 @@ class ModelBenchmark:
         in_chans, *default_hw = resolve_data_config({}, model=self.model)['input_size']
         hw = (args.img_size, args.img_size) if args.img_size is not None else tuple(default_hw)
         self.input_size: Tuple[int, int, int] = (in_chans,) + hw
-        self.model.to(device=device, memory_format=self.memory_format)
+        self.model.to(device=device)
+        if args.channels_last:
+            to_channels_last(self.model)
         # The compiled module shares parameters with the eager one, which stays available for
         # FLOP counting (the counter does not see inside compiled graphs). Static shapes: the two
         # phases' batch sizes differ, and by default the second compile would make the batch

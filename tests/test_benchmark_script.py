@@ -148,6 +148,7 @@ def test_kernel_mode_rejects_a_malformed_case(bench):
 
 FACTORY_MODULE = '''
 import timm
+import torch
 
 def small_shvit(img_size=None):
     """A peer from a user's function: timm's SHViT-S1, which records the size it was asked for."""
@@ -157,6 +158,12 @@ def small_shvit(img_size=None):
 
 def not_a_model():
     return 'a string'
+
+def with_5d_bias():
+    """A model holding a 5-D parameter, as the Agent Attention authors' models do."""
+    model = timm.create_model('shvit_s1')
+    model.grid = torch.nn.Parameter(torch.randn(1, 2, 3, 4, 5))
+    return model
 '''
 
 
@@ -233,6 +240,18 @@ def test_peer_factory_gets_the_asked_size(bench, user_peers):
     assert factory.build(96).asked_img_size == 96 and factory.build(None).asked_img_size is None
     with pytest.raises(TypeError, match='returned str'):
         bench.load_peer_factory('user_peers:not_a_model').build(None)
+
+
+def test_channels_last_converts_4d_tensors_and_keeps_5d_ones(bench, user_peers):
+    # Module.to(memory_format=channels_last) raises on a 5-D tensor; the benchmark converts 4-D ones only
+    sys.path.insert(0, str(user_peers))
+    args = bench.parse_args(['--models', 'az_shvit_s1', '--device', 'cpu', '--img-size', '64', '--channels-last'])
+    job = bench.Job('with_5d_bias', 'peer', False, factory=bench.load_peer_factory('user_peers:with_5d_bias'))
+    model = bench.ModelBenchmark(job, args, torch.device('cpu')).model
+    convs = [p for p in model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not convs[0].is_contiguous()
+    assert model.grid.is_contiguous()
 
 
 @pytest.mark.parametrize('extra, message', [
