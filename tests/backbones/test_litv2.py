@@ -128,6 +128,32 @@ def test_deformable_conv_starts_as_a_plain_strided_conv():
     assert not torch.allclose(conv(x), F.conv2d(x, conv.weight, conv.bias, stride=2))
 
 
+def test_deformable_conv_answers_in_the_input_memory_format():
+    conv = randomize_(DeformableConv2d(4, 6, kernel_size=2, stride=2))
+    x = torch.randn(2, 4, 8, 6)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    out, out_cl = conv(x), conv(x_cl)
+    assert out.is_contiguous() and out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert not out_cl.is_contiguous()
+    torch.testing.assert_close(out_cl, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_litv2_blocks_run_on_dense_channels_last_maps(channels_last):
+    # each stage's blocks take (B, H, W, C) views of the downsampled map: NCHW memory under them
+    # made every op of the stage strided, so each block's input must be a dense NHWC tensor
+    model = timm.create_model('az_litv2_s', depths=(1, 1, 1, 1), num_classes=0).eval()
+    x = torch.randn(1, 3, 64, 64)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    seen = []
+    for stage in model.stages:
+        stage.blocks.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        model(x)
+    assert seen == [True] * 4
+
+
 def test_flop_counter_counts_the_deformable_conv_as_a_conv():
     conv = DeformableConv2d(4, 6, kernel_size=2, stride=2)
     x = torch.randn(1, 4, 8, 6)
