@@ -228,17 +228,36 @@ class DeformableConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset = self.conv_offset(x)
+        # torchvision's op writes its output, and in the backward its input's gradient, NCHW
+        # whatever the input's layout; like nn.Conv2d, this layer keeps the input's for both.
+        # LITv2's blocks run on a (B, H, W, C) view of the output: NCHW memory made every op of the
+        # next stage strided, forward and backward (LITv2-S training, H100: 68 strided copies and
+        # 22 strided adds, 6 ms a step)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # torchvision's op takes one dtype (under autocast the offset conv may have run in bf16) and
         # its CPU kernel has no bf16/fp16: half-precision inputs run in float32, cast back after
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
+        x_in = x.to(dtype)
+        if channels_last and x_in.requires_grad:
+            x_in = _GradInFormat.apply(x_in, memory_format)
         out = deform_conv2d(
-            x.to(dtype), offset.to(dtype), self.weight.to(dtype), bias, stride=self.stride, padding=self.padding)
-        # torchvision writes NCHW whatever the input's layout; like nn.Conv2d, answer in the input's.
-        # LITv2's blocks run on a (B, H, W, C) view of this output: an NCHW one made every op of the
-        # next stage strided (LITv2-S training, H100: 68 strided copies and 22 strided adds, 6 ms a step)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        return out.to(x.dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            x_in, offset.to(dtype), self.weight.to(dtype), bias, stride=self.stride, padding=self.padding)
+        return out.to(x.dtype, memory_format=memory_format)
+
+
+class _GradInFormat(torch.autograd.Function):
+    """Identity whose backward hands the gradient on in ``memory_format``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+        ctx.memory_format = memory_format
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.contiguous(memory_format=ctx.memory_format), None
 
 
 # its forward pads odd map sizes: a leaf when FX traces (timm's FX feature extraction)

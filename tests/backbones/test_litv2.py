@@ -130,12 +130,23 @@ def test_deformable_conv_starts_as_a_plain_strided_conv():
 
 def test_deformable_conv_answers_in_the_input_memory_format():
     conv = randomize_(DeformableConv2d(4, 6, kernel_size=2, stride=2))
-    x = torch.randn(2, 4, 8, 6)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 6, requires_grad=True)
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # not a leaf: its gradient is as computed
+    grads = {}
+    x.register_hook(lambda g: grads.setdefault('nchw', g))
+    x_cl.register_hook(lambda g: grads.setdefault('channels_last', g))
     out, out_cl = conv(x), conv(x_cl)
     assert out.is_contiguous() and out_cl.is_contiguous(memory_format=torch.channels_last)
     assert not out_cl.is_contiguous()
     torch.testing.assert_close(out_cl, out, rtol=0, atol=0)
+    # the input's gradient too (torchvision's backward writes it NCHW), same values
+    grad = torch.randn_like(out)
+    out.backward(grad, retain_graph=True)
+    out_cl.backward(grad)
+    g, g_cl = grads['nchw'], grads['channels_last']
+    assert g.is_contiguous()
+    assert g_cl.is_contiguous(memory_format=torch.channels_last) and not g_cl.is_contiguous()
+    torch.testing.assert_close(g_cl, g)
 
 
 @pytest.mark.parametrize('channels_last', [False, True])
