@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Host time of one eager call of each of our Triton ops against PyTorch's own, on a GPU.
+
+Why: on some hosts our eager training steps stop keeping the GPU busy (DaViT-T 65% against timm's
+98%, `../2026-12-07-h100-middle-variants-host-cost`) although their Python, timed on a CPU with the
+kernels mocked out, costs only ~35 us more per layer norm than PyTorch's. This times the real
+thing: calls on tensors so small that the GPU is never the limit, so the loop's wall clock per call
+is the host's cost (Python, autograd, Triton's launcher, the driver). Then a cProfile of the
+slowest case says where that time goes.
+
+    python benchmarks/probes/host_cost.py [--calls 500] [--json host_cost.json]
+"""
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from attnzoo.kernels import layer_norm_triton, na2d_triton
+
+
+@triton.jit
+def _increment(X, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    tl.store(X + offsets, tl.load(X + offsets) + 1)
+
+
+def host_us(fn: Callable[[], object], calls: int) -> float:
+    """Wall microseconds per call of ``fn`` issued back to back, the GPU's queue drained before and after."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def cases() -> Dict[str, Callable[[], object]]:
+    dev = 'cuda'
+    counter = torch.zeros(16, device=dev)
+    x = torch.randn(64, 64, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, device=dev, requires_grad=True)
+    b = torch.randn(64, device=dev, requires_grad=True)
+    q = torch.randn(1, 14, 14, 2, 32, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    rpb = torch.randn(2, 13, 13, device=dev, requires_grad=True)
+    qd, rpbd = q.detach(), rpb.detach()
+    return {
+        'torch add_ (one ATen launch)': lambda: counter.add_(1),
+        'bare Triton launch': lambda: _increment[(1,)](counter, N=16),
+        'F.layer_norm forward': lambda: F.layer_norm(x.detach(), (64,)),
+        'fused layer norm forward': lambda: layer_norm_triton.layer_norm_fused(
+            x.detach(), w.detach(), b.detach(), 1e-5, torch.bfloat16),
+        'layer norm + cast, forward+backward': lambda: F.layer_norm(
+            x.float(), (64,), w, b).to(torch.bfloat16).sum().backward(),
+        'fused layer norm, forward+backward': lambda: layer_norm_triton.layer_norm_fused(
+            x, w, b, 1e-5, torch.bfloat16).sum().backward(),
+        'na2d forward, rpb': lambda: na2d_triton.na2d_fused(qd, qd, qd, 7, 7, 1, 1, rpbd, 0.1),
+        'na2d forward, no rpb': lambda: na2d_triton.na2d_fused(qd, qd, qd, 7, 7, 1, 1, None, 0.1),
+        'na2d forward+backward, rpb': lambda: na2d_triton.na2d_fused(q, q, q, 7, 7, 1, 1, rpb, 0.1).sum().backward(),
+        'sum + backward alone': lambda: x.float().sum().backward(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--calls', type=int, default=500)
+    parser.add_argument('--json', default=None)
+    args = parser.parse_args()
+    results = {}
+    for name, fn in cases().items():
+        results[name] = host_us(fn, args.calls)
+        print(f'{name:40s} {results[name]:8.1f} us host per call', flush=True)
+    calls = cases()
+    for name in ('bare Triton launch', 'fused layer norm, forward+backward', 'na2d forward+backward, rpb'):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(args.calls):
+            calls[name]()
+        profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats('tottime').print_stats(15)
+        print(f'\n== cProfile, {args.calls} calls of {name}\n{text.getvalue()}')
+    if args.json:
+        meta = dict(torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name())
+        with open(args.json, 'w') as f:
+            json.dump(dict(meta=meta, host_us=results), f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
