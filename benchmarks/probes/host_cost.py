@@ -76,11 +76,11 @@ def main() -> None:
     parser.add_argument('--calls', type=int, default=500)
     parser.add_argument('--json', default=None)
     args = parser.parse_args()
+    calls = cases()
     results = {}
-    for name, fn in cases().items():
+    for name, fn in calls.items():
         results[name] = host_us(fn, args.calls)
         print(f'{name:40s} {results[name]:8.1f} us host per call', flush=True)
-    calls = cases()
     for name in ('bare Triton launch', 'fused layer norm, forward+backward', 'na2d forward+backward, rpb'):
         profiler = cProfile.Profile()
         profiler.enable()
