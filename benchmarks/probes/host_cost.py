@@ -15,7 +15,9 @@ import cProfile
 import io
 import json
 import pstats
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict
 
 import torch
@@ -23,7 +25,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from attnzoo.kernels import layer_norm_triton, na2d_triton
+try:
+    import attnzoo  # noqa: F401
+except ImportError:
+    # a checkout that was never installed (the device's): the package lives in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from attnzoo.kernels import layer_norm_triton, na2d_triton  # noqa: E402
 
 
 @triton.jit
@@ -54,6 +61,9 @@ def cases() -> Dict[str, Callable[[], object]]:
     q = torch.randn(1, 14, 14, 2, 32, device=dev, dtype=torch.bfloat16, requires_grad=True)
     rpb = torch.randn(2, 13, 13, device=dev, requires_grad=True)
     qd, rpbd = q.detach(), rpb.detach()
+    # dense upstream gradients, as a model's are: a `.sum()`'s gradient is an expanded tensor, which
+    # our ops first copy dense (the 2026-12-07 run timed that copy too)
+    gx, gx32, gq = torch.randn_like(x), torch.randn_like(x, dtype=torch.float32), torch.randn_like(q)
     return {
         'torch add_ (one ATen launch)': lambda: counter.add_(1),
         'bare Triton launch': lambda: _increment[(1,)](counter, N=16),
@@ -61,13 +71,13 @@ def cases() -> Dict[str, Callable[[], object]]:
         'fused layer norm forward': lambda: layer_norm_triton.layer_norm_fused(
             x.detach(), w.detach(), b.detach(), 1e-5, torch.bfloat16),
         'layer norm + cast, forward+backward': lambda: F.layer_norm(
-            x.float(), (64,), w, b).to(torch.bfloat16).sum().backward(),
+            x.float(), (64,), w, b).to(torch.bfloat16).backward(gx),
         'fused layer norm, forward+backward': lambda: layer_norm_triton.layer_norm_fused(
-            x, w, b, 1e-5, torch.bfloat16).sum().backward(),
+            x, w, b, 1e-5, torch.bfloat16).backward(gx),
         'na2d forward, rpb': lambda: na2d_triton.na2d_fused(qd, qd, qd, 7, 7, 1, 1, rpbd, 0.1),
         'na2d forward, no rpb': lambda: na2d_triton.na2d_fused(qd, qd, qd, 7, 7, 1, 1, None, 0.1),
-        'na2d forward+backward, rpb': lambda: na2d_triton.na2d_fused(q, q, q, 7, 7, 1, 1, rpb, 0.1).sum().backward(),
-        'sum + backward alone': lambda: x.float().sum().backward(),
+        'na2d forward+backward, rpb': lambda: na2d_triton.na2d_fused(q, q, q, 7, 7, 1, 1, rpb, 0.1).backward(gq),
+        'cast + backward alone': lambda: x.float().backward(gx32),
     }
 
 
