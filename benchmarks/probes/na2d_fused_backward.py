@@ -5,9 +5,9 @@ Today's backward (`attnzoo/kernels/na2d_triton.py`) runs two kernels over the sa
 query-tile kernel that recomputes P and writes dq, D = rowsum(dO * O) and the d(rpb) partials, and a
 key-tile kernel that recomputes P again and writes dk and dv. Here the key-tile kernel also adds
 each step's dq share, dS^T K, into a float32 buffer with atomics (FlashAttention-2's split), so P,
-dP and dS are computed once; D comes from a rowsum before it and dq is cast after. d(rpb) is not
-moved yet: the A/B times both sides with a bias that takes no gradient, and tells whether the
-one-pass backward pays before that work is done. Gradients are checked against the current kernels.
+dP and dS are computed once; D comes from a rowsum before it and dq is cast after. d(rpb) is
+computed there too, by the dq kernel's one-hot products with keys and queries swapped. Gradients,
+d(rpb) included, are checked against the current kernels; both sides are timed with rpb's gradient.
 
     TRITON_INTERPRET=1 python benchmarks/probes/na2d_fused_backward.py --check   # CPU, small shapes
     python benchmarks/probes/na2d_fused_backward.py                              # GPU: check, then time
@@ -31,7 +31,7 @@ from attnzoo.kernels.na2d_triton import _decode_program, _mma, _window_start  # 
 
 @triton.jit
 def _dkdv_dq_kernel(
-        Q, K, V, RPB, DO, LSE, DELTA, DK, DV, DQ,
+        Q, K, V, RPB, DO, LSE, DELTA, DK, DV, DQ, DRPB,
         sqb, sqh, sqw, sqn,
         skb, skh, skw, skn,
         svb, svh, svw, svn,
@@ -44,9 +44,11 @@ def _dkdv_dq_kernel(
         HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
         CH: tl.constexpr, HW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-        HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+        BI: tl.constexpr, BJ: tl.constexpr,
+        HAS_RPB: tl.constexpr, RPB_GRAD: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    # the package's dk/dv kernel, loop for loop, plus the atomic dq share at the end of each step
+    # the package's dk/dv kernel, loop for loop, plus at the end of each step the atomic dq share and
+    # the step's d(rpb) rows (the dq kernel's one-hot products, keys and queries swapped)
     qk_scale, scale = tl.cast(qk_scale, tl.float32), tl.cast(scale, tl.float32)
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -75,7 +77,12 @@ def _dkdv_dq_kernel(
     qi = tl.arange(0, CH * HW)
     RW: tl.constexpr = 2 * KW - 1 + 2 * PW
     rpb_base = RPB + n * (2 * KH - 1 + 2 * PH) * RW
+    if RPB_GRAD:
+        drpb = tl.zeros([BI, BJ], tl.float32)
     for c0 in tl.range(first_c, last_c + 1, HW):
+        if RPB_GRAD:
+            # by (key row - query row) and (key col, query col) pairs, reduced over columns per c0
+            drpb_rows = tl.zeros([BI, TW * HW], tl.float32)
         qc = c0 + qi % HW
         ws_c = _window_start(qc, len_c, KW)
         col_in = ((kc[:, None] >= ws_c[None, :]) & (kc[:, None] < ws_c[None, :] + KW)
@@ -107,26 +114,50 @@ def _dkdv_dq_kernel(
             dq_part = _mma(tl.trans(dst.to(k.dtype)), k, PRECISION, UPCAST)
             dq_ptrs = DQ + b * sqgb + n * sqgn + (q_row * sqgh + q_col * sqgw)[:, None] + d[None, :]
             tl.atomic_add(dq_ptrs, dq_part * scale, mask=q_valid[:, None] & (d[None, :] < HEAD_DIM), sem='relaxed')
+            if RPB_GRAD:
+                x = tl.reshape(tl.permute(tl.reshape(dst, [TH, TW, CH, HW]), [0, 2, 1, 3]), [TH * CH, TW * HW])
+                pair = tl.arange(0, TH * CH)
+                row_of = (tr * TH + pair // CH) - (r0 + pair % CH) + KH - 1
+                one_hot = (row_of[None, :] == tl.arange(0, BI)[:, None]).to(tl.float32)
+                drpb_rows += tl.dot(one_hot, x, input_precision=PRECISION)
+        if RPB_GRAD:
+            pair = tl.arange(0, TW * HW)
+            col_of = (tc * TW + pair // HW) - (c0 + pair % HW) + KW - 1
+            one_hot = (col_of[:, None] == tl.arange(0, BJ)[None, :]).to(tl.float32)
+            drpb += tl.dot(drpb_rows, one_hot, input_precision=PRECISION)
+    if RPB_GRAD:
+        part_ptrs = (DRPB + (bh.to(tl.int64) * tl.num_programs(0) + pid) * BI * BJ
+                     + tl.arange(0, BI)[:, None] * BJ + tl.arange(0, BJ)[None, :])
+        tl.store(part_ptrs, drpb)
     tl.store(DK + b * skgb + n * skgn + (k_row * skgh + k_col * skgw)[:, None] + d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=k_valid[:, None] & (d[None, :] < HEAD_DIM))
     tl.store(DV + b * svgb + n * svgn + (k_row * svgh + k_col * svgw)[:, None] + dv[None, :],
              dv_acc.to(DV.dtype.element_ty), mask=k_valid[:, None] & (dv[None, :] < V_DIM))
 
 
-def fused_backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale):
-    """dq, dk, dv by the one-pass kernel (a bias that takes no gradient)."""
+def fused_backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad):
+    """dq, dk, dv and d(rpb) (or an empty tensor) by the one-pass kernel."""
     launch = nt._launch(q, v, kh, kw, dh, dw)
     tables = nt._BiasTables(rpb, launch) if rpb is not None else None
     # D = rowsum(dO * O), laid out (B, heads, H, W) as the kernels index the row statistics
     delta = (grad_out.float() * out.float()).sum(-1).permute(0, 3, 1, 2).contiguous()
     dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
+    bi, bj = launch.bias_block
+    B, _, _, heads, _ = q.shape
+    partial = torch.empty((B * heads * launch.grid[0], bi, bj) if rpb_grad else (1,), dtype=torch.float32,
+                          device=q.device)
     _dkdv_dq_kernel[launch.grid](
-        q, k, v, tables.table if rpb is not None else q, grad_out, lse, delta, dk, dv, dq32,
+        q, k, v, tables.table if rpb is not None else q, grad_out, lse, delta, dk, dv, dq32, partial,
         *nt._strides(q), *nt._strides(k), *nt._strides(v), *nt._strides(grad_out), *nt._strides(dk),
         *nt._strides(dv), *nt._strides(dq32), *launch.dims, scale * nt._LOG2E, scale,
-        HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.dkdv_stages, **launch.dkdv_meta)
-    return dq32.to(q.dtype), dk, dv
+        BI=bi, BJ=bj, HAS_RPB=rpb is not None, RPB_GRAD=rpb_grad,
+        num_warps=launch.num_warps, num_stages=launch.dkdv_stages, **launch.dkdv_meta)
+    if rpb_grad:
+        drpb = partial.view(B, heads, launch.grid[0], bi, bj)[..., :2 * kh - 1, :2 * kw - 1].sum((0, 2))
+    else:
+        drpb = q.new_empty(0)
+    return dq32.to(q.dtype), dk, dv, drpb
 
 
 def _inputs(case, dtype, device, rpb_on=True):
@@ -143,14 +174,15 @@ def check(cases, dtype, device) -> None:
     for case in cases:
         for rpb_on in (True, False):
             args = _inputs(case, dtype, device, rpb_on)
-            ref = nt._backward(*args, rpb_grad=False)[:3]
-            new = fused_backward(*args)
+            ref = nt._backward(*args, rpb_grad=rpb_on)
+            new = fused_backward(*args, rpb_grad=rpb_on)
             errs = [(a.float() - b.float()).abs().max().item() / max(a.float().abs().max().item(), 1e-6)
-                    for a, b in zip(ref, new)]
+                    for a, b in zip(ref, new) if a.numel()]
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             status = 'ok' if max(errs) < tol else 'MISMATCH'
-            print(f'{str(case):32s} rpb={rpb_on!s:5s} rel err dq {errs[0]:.1e} dk {errs[1]:.1e} '
-                  f'dv {errs[2]:.1e} {status}', flush=True)
+            names = ('dq', 'dk', 'dv', 'drpb')
+            print(f'{str(case):32s} rpb={rpb_on!s:5s} rel err ' + ' '.join(f'{n} {e:.1e}' for n, e in zip(names, errs))
+                  + f' {status}', flush=True)
             if status != 'ok':
                 raise SystemExit(1)
 
@@ -158,8 +190,8 @@ def check(cases, dtype, device) -> None:
 def bench(cases) -> None:
     for case in cases:
         args = _inputs(case, torch.bfloat16, 'cuda')
-        two = triton.testing.do_bench(lambda: nt._backward(*args, rpb_grad=False), warmup=25, rep=200)
-        one = triton.testing.do_bench(lambda: fused_backward(*args), warmup=25, rep=200)
+        two = triton.testing.do_bench(lambda: nt._backward(*args, rpb_grad=True), warmup=25, rep=200)
+        one = triton.testing.do_bench(lambda: fused_backward(*args, rpb_grad=True), warmup=25, rep=200)
         print(f'{str(case):32s} backward ms: two kernels {two:.3f} | one pass + atomics {one:.3f} | x {two / one:.2f}',
               flush=True)
 
@@ -169,7 +201,8 @@ def main() -> None:
     parser.add_argument('--check', action='store_true', help='only the gradient check (the CPU interpreter can run it)')
     args = parser.parse_args()
     if args.check or not torch.cuda.is_available():
-        check([(1, 2, 9, 11, 16, 5, 1), (2, 1, 10, 9, 16, 3, 2), (1, 2, 15, 14, 16, 7, 2)], torch.float32, 'cpu')
+        check([(1, 2, 9, 11, 16, 5, 1), (2, 1, 10, 9, 16, 3, 2), (1, 2, 15, 14, 16, 7, 2),
+               (1, 1, 10, 11, 16, 9, 1)], torch.float32, 'cpu')
         return
     cases = [(128, 2, 56, 56, 32, 7, 1), (128, 2, 56, 56, 32, 7, 8), (8, 4, 128, 128, 32, 7, 1),
              (128, 4, 28, 28, 32, 7, 1), (128, 8, 14, 14, 32, 7, 2)]
