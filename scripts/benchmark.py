@@ -26,8 +26,9 @@ Example:
     python scripts/benchmark.py --models az_davit_tiny az_shvit_s4 --peers davit_tiny shvit_s4 \\
         --amp --channels-last --compile both --json davit_shvit.json
 
-``--mode kernels`` times neighborhood attention (``na2d``) against torch flex attention, dense SDPA and
-NATTEN where installed, forward and forward+backward, with TFLOP/s and GB/s against the memory floor.
+``--mode kernels`` times neighborhood attention (``na2d``) against torch flex attention, dense SDPA,
+NATTEN where installed and, as a yardstick, SDPA over k x k windows (``fmha_window``: the same number
+of scored keys per query), forward and forward+backward, with TFLOP/s and GB/s against the memory floor.
 On a GPU the times are the GPU's own, from CUDA-graph replays; eager calls are timed beside them:
 
     python scripts/benchmark.py --mode kernels --json na2d.json
@@ -781,10 +782,10 @@ def format_kernel_table(rows: Sequence[Dict[str, Any]]) -> str:
     """One line per (case, method): per phase its time and what follows from it (TFLOP/s, GB/s of
     the fewest bytes, times over the memory floor), then the time of eager calls back to back."""
     phase = f'{"TFLOP/s":>8} {"GB/s":>7} {"x floor":>8} {"call ms":>8}'
-    header = f'{"case":<44} {"method":<10} {"fwd ms":>8} {phase} {"f+b ms":>8} {phase}'
+    header = f'{"case":<44} {"method":<11} {"fwd ms":>8} {phase} {"f+b ms":>8} {phase}'
     lines = [header, '-' * len(header)]
     for row in rows:
-        head = f'{row["case_name"]:<44} {row["method"]:<10}'
+        head = f'{row["case_name"]:<44} {row["method"]:<11}'
         if row['error']:
             lines.append(f'{head} ! {row["error"]}')
             continue
@@ -819,8 +820,8 @@ def run_kernels(args: argparse.Namespace, argv: Sequence[str]) -> int:
         torch.compiler.reset()
         ratios.append((case.name, *(kernel_bench.best_peer_ratio(case_rows, p) for p in ('fwd', 'fwd_bwd'))))
     print(f'na2d on {meta["gpu"] or meta["cpu"]} ({device}), torch {torch.__version__}, triton '
-          f'{meta["versions"]["triton"]}, {args.dtype}, rpb on (sdpa, natten: none), warmup {args.warmup}, '
-          f'iters {args.iters} (median), floor at {args.bandwidth:.0f} GB/s')
+          f'{meta["versions"]["triton"]}, {args.dtype}, rpb on (sdpa, fmha_window, natten: none), '
+          f'warmup {args.warmup}, iters {args.iters} (median), floor at {args.bandwidth:.0f} GB/s')
     if device.type == 'cuda':
         print('ms: GPU time per call, from CUDA-graph replays (host left out); call ms: eager calls back '
               'to back (host included)')

@@ -98,12 +98,13 @@ def test_unknown_model_is_rejected_before_running(bench):
 def test_kernel_mode_times_na2d_and_its_peers(bench, tmp_path, capsys):
     out = tmp_path / 'na2d.json'
     argv = ['--mode', 'kernels', '--device', 'cpu', '--cases', '2,2,10,12,16,3,2', '--methods', 'attnzoo',
-            'reference', 'sdpa', '--dtype', 'float32', '--warmup', '0', '--iters', '1', '--json', str(out)]
+            'reference', 'sdpa', 'fmha_window', '--dtype', 'float32', '--warmup', '0', '--iters', '1',
+            '--json', str(out)]
     assert bench.main(argv) == 0
     data = json.loads(out.read_text())
     assert data['meta']['args']['cases'] == ['B2 h2 10x12 d16 k3 dil2']
     rows = {row['method']: row for row in data['results']}
-    assert list(rows) == ['attnzoo', 'reference', 'sdpa']
+    assert list(rows) == ['attnzoo', 'reference', 'sdpa', 'fmha_window']
     # useful work of neighborhood attention: 4 * B*heads*H*W * k*k * d forward, 3.5 times that with backward
     flops = 4 * 2 * 2 * 10 * 12 * 9 * 16
     for row in rows.values():

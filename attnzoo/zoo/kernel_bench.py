@@ -12,13 +12,17 @@ heads, head_dim)`` (and rpb where the method has one) and is timed forward and f
 * ``sdpa``: dense ``scaled_dot_product_attention`` over all ``H*W`` tokens, not neighborhood
   attention: the cost of ignoring the sparsity.
 * ``natten``: NATTEN's ``na2d`` when it is importable (0.20+: no bias, so it runs without one).
+* ``fmha_window``: dense ``scaled_dot_product_attention`` over non-overlapping ``k x k`` windows
+  (the map zero-padded to whole windows), laid out before the timing: every query scores ``k*k``
+  keys, as in neighborhood attention, so its TFLOP/s are what a fused dense attention kernel reaches
+  on the same number of scored keys. A yardstick, not neighborhood attention.
 
 Useful work is counted for neighborhood attention whatever the method: ``4 * B*heads*H*W*k*k*d``
 FLOPs forward (QK and PV) and 2.5 times that backward; the fewest bytes are q, k, v read and the
 output written forward, and q, k, v, out, grad_out read and dq, dk, dv written backward.
 """
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,9 +30,9 @@ import torch.nn.functional as F
 from attnzoo.kernels import na2d
 from attnzoo.kernels.na2d import axis_windows
 
-__all__ = ['NACase', 'parse_case', 'default_cases', 'METHODS', 'run_case', 'best_peer_ratio']
+__all__ = ['NACase', 'parse_case', 'default_cases', 'METHODS', 'run_case', 'best_peer_ratio', 'window_partition']
 
-METHODS = ('attnzoo', 'flex', 'sdpa', 'natten', 'reference')
+METHODS = ('attnzoo', 'flex', 'sdpa', 'fmha_window', 'natten', 'reference')
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,26 @@ def _sdpa_method(q, k, v, rpb, case: NACase) -> Callable:
     return run
 
 
+def window_partition(t: torch.Tensor, window: int) -> torch.Tensor:
+    """``(B, H, W, heads, d)`` to ``(B * windows, heads, window**2, d)``: the map zero-padded to whole
+    ``window x window`` windows, each window's tokens in row-major order."""
+    B, H, W, heads, d = t.shape
+    t = F.pad(t, (0, 0, 0, 0, 0, -W % window, 0, -H % window))
+    nh, nw = t.shape[1] // window, t.shape[2] // window
+    t = t.view(B, nh, window, nw, window, heads, d).permute(0, 1, 3, 5, 2, 4, 6)
+    return t.reshape(B * nh * nw, heads, window * window, d)
+
+
+def _fmha_window_method(q, k, v, rpb, case: NACase) -> Tuple[Callable, List[torch.Tensor]]:
+    # partitioned once, outside the timing: the yardstick is the attention kernel alone, on leaves
+    # of its own whose gradients the timed backward computes
+    qw, kw, vw = (window_partition(t.detach(), case.kernel_size).requires_grad_() for t in (q, k, v))
+
+    def run(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+    return run, [qw, kw, vw]
+
+
 def _natten_method(q, k, v, rpb, case: NACase) -> Callable:
     from natten.functional import na2d as natten_na2d  # an optional peer: ImportError becomes the row's error
 
@@ -144,7 +168,7 @@ def _na2d_method(impl: Callable) -> Callable:
 
 _BUILDERS: Dict[str, Callable] = {
     'attnzoo': _na2d_method(na2d), 'reference': _na2d_method(na2d.reference),
-    'flex': _flex_method, 'sdpa': _sdpa_method, 'natten': _natten_method,
+    'flex': _flex_method, 'sdpa': _sdpa_method, 'natten': _natten_method, 'fmha_window': _fmha_window_method,
 }
 
 
@@ -177,14 +201,18 @@ def run_case(
         row: Dict[str, Any] = dict(case=asdict(case), case_name=case.name, method=method, error=None)
         try:
             fn = _BUILDERS[method](q, k, v, rpb, case)
-            inputs = [q, k, v] + ([rpb] if method in ('attnzoo', 'reference', 'flex') else [])
+            args, upstream = [q, k, v], grad
+            if isinstance(fn, tuple):  # a method on operands of its own layout (fmha_window)
+                fn, args = fn
+                upstream = torch.randn(args[0].shape, device=device, dtype=dtype, generator=g)
+            inputs = args + ([rpb] if method in ('attnzoo', 'reference', 'flex') else [])
 
             def forward():
                 with torch.no_grad():
-                    fn(q, k, v)
+                    fn(*args)
 
             def forward_backward():
-                torch.autograd.grad(fn(q, k, v), inputs, grad)
+                torch.autograd.grad(fn(*args), inputs, upstream)
 
             for phase, step, backward in (('fwd', forward, False), ('fwd_bwd', forward_backward, True)):
                 seconds = timer(step)
