@@ -65,11 +65,12 @@ def check(cases, dtype, device, rows_options) -> None:
             ref_out, ref_lse = forward_rows(*args, rows=None)
             for rows in rows_options:
                 out, lse = forward_rows(*args, rows=rows)
-                err = (out.float() - ref_out.float()).abs().max().item()
+                # relative to the largest output: a bf16 output rounds to its own ulp
+                err = (out.float() - ref_out.float()).abs().max().item() / ref_out.float().abs().max().item()
                 lse_err = (lse - ref_lse).nan_to_num(0., 0., 0.).abs().max().item()
-                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                tol = 1e-5 if dtype == torch.float32 else 1e-2
                 status = 'ok' if max(err, lse_err) < tol else 'MISMATCH'
-                print(f'{str(case):32s} rpb={rpb_on!s:5s} rows {rows}: max diff out {err:.1e} '
+                print(f'{str(case):32s} rpb={rpb_on!s:5s} rows {rows}: rel. diff out {err:.1e} '
                       f'lse {lse_err:.1e} {status}', flush=True)
                 if status != 'ok':
                     raise SystemExit(1)
