@@ -1,0 +1,46 @@
+#!/bin/bash
+# The probes still waiting for a GPU, as named steps for the device's short calls: each step's
+# output is packed into $OUT/r.tgz as soon as it ends, so a call cut short keeps what finished.
+#
+#   STEPS="host frows fbwd" bash benchmarks/probes/device_steps.sh
+#   STEPS="strided@240 c_az_van_b0+van_b0@280" bash benchmarks/probes/device_steps.sh
+#
+# STEP@SECONDS bounds a step (default 400 s). The authors' models are read from $PEERS (default
+# .gpu/authors, made here by `python benchmarks/probes/authors_peers.py --mirrors <snapshots> --out
+# .gpu/authors` and carried). c_<ours>+<peer>[+timm] is one compiled pair: the peer an authors_peers
+# function, or a timm model with +timm. Steps: see the case list below and README.md beside this file.
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+O=/tmp/device_steps
+mkdir -p $O
+pack() { tar czf "$OUT/r.tgz" -C "$(dirname $O)" "$(basename $O)"; }
+{
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python -c "import torch, triton, timm; print(torch.__version__, torch.version.cuda, triton.__version__, timm.__version__)"
+  git log -1 --format=%h 2>/dev/null
+  echo "$(nproc) host threads, $(lscpu | sed -n 's/^Model name: *//p')"
+} > $O/gpu.txt 2>&1
+BENCH="python scripts/benchmark.py --amp --channels-last --peer-path benchmarks/probes ${PEERS:-.gpu/authors}"
+for step in $STEPS; do
+  name=${step%@*}; limit=400; [ "$step" != "$name" ] && limit=${step#*@}
+  echo "=== $name (limit $limit s) $(date +%T)"
+  case $name in
+  host) timeout $limit python benchmarks/probes/host_cost.py --json $O/host.json > $O/host.txt 2>&1 ;;
+  frows) timeout $limit python benchmarks/probes/na2d_forward_rows.py > $O/frows.txt 2>&1 ;;
+  fbwd) timeout $limit python benchmarks/probes/na2d_fused_backward.py > $O/fbwd.txt 2>&1 ;;
+  kern) timeout $limit python scripts/benchmark.py --mode kernels --json $O/kern.json > $O/kern.txt 2>&1 ;;
+  strided) for m in az_davit_tiny az_agent_pvt_t az_agent_swin_t; do
+             timeout $limit python benchmarks/probes/strided_ops.py $m --batch 32 > $O/strided_$m.txt 2>&1; done ;;
+  shvitab) for mode in auto cpu; do
+             ATTNZOO_KERNELS=$mode timeout $limit $BENCH --interleave --models az_shvit_s4 az_shvit_s1 \
+               --peers shvit_s4 shvit_s1 --pairs az_shvit_s4=shvit_s4 az_shvit_s1=shvit_s1 > $O/shvit_$mode.txt 2>&1; done ;;
+  cprof) timeout $limit python scripts/profile_step.py --amp --channels-last --compile --phase train \
+           --models az_dinat_tiny swin_tiny_patch4_window7_224 --json $O/cprof.json > $O/cprof.txt 2>&1 ;;
+  c_*) set -- $(echo ${name#c_} | tr '+' ' ')
+       if [ "$3" = timm ]; then peer="--peers $2"; else peer="--peer-factory authors_peers:$2"; fi
+       timeout $limit $BENCH --compile compiled --json $O/$name.json --models $1 $peer --pairs $1=$2 > $O/$name.txt 2>&1 ;;
+  *) echo "unknown step $name" ;;
+  esac
+  echo "rc $? $(date +%T)"
+  pack
+done
+for f in $O/*.txt; do echo "## $f"; tail -n 14 "$f"; done
