@@ -6,7 +6,18 @@ import torch.nn.functional as F
 
 from .dispatch import kernel_op
 
-__all__ = ['window_attention']
+__all__ = ['window_attention', 'window_partition']
+
+
+def window_partition(t: torch.Tensor, window_size: Tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W, heads, d)`` to ``(B * windows, heads, wh * ww, d)``, the windows in row-major order
+    and each window's positions too; a view when the map is one window. H and W must be multiples
+    of the window."""
+    B, H, W, heads, d = t.shape
+    wh, ww = window_size
+    nh, nw = H // wh, W // ww
+    t = t.reshape(B, nh, wh, nw, ww, heads, d).permute(0, 1, 3, 5, 2, 4, 6)
+    return t.reshape(B * nh * nw, heads, wh * ww, d)
 
 
 @kernel_op
@@ -40,14 +51,7 @@ def window_attention(
     if H % wh or W % ww:
         raise ValueError(f'window_attention needs H, W divisible by the window {wh}x{ww}, got {H}x{W}: pad first')
     nh, nw = H // wh, W // ww
-
-    def to_windows(t: torch.Tensor) -> torch.Tensor:
-        # (B, H, W, heads, d) -> (B * nh * nw, heads, wh * ww, d); a view when nh == nw == 1
-        d = t.shape[-1]
-        t = t.reshape(B, nh, wh, nw, ww, heads, d).permute(0, 1, 3, 5, 2, 4, 6)
-        return t.reshape(B * nh * nw, heads, wh * ww, d)
-
-    out = F.scaled_dot_product_attention(to_windows(q), to_windows(k), to_windows(v), scale=scale)
+    out = F.scaled_dot_product_attention(*(window_partition(t, (wh, ww)) for t in (q, k, v)), scale=scale)
     d_v = v.shape[-1]
     out = out.reshape(B, nh, nw, heads, wh, ww, d_v).permute(0, 1, 4, 2, 5, 3, 6)
     return out.reshape(B, H, W, heads, d_v)

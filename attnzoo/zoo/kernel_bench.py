@@ -29,8 +29,9 @@ import torch.nn.functional as F
 
 from attnzoo.kernels import na2d
 from attnzoo.kernels.na2d import axis_windows
+from attnzoo.kernels.window_attention import window_partition
 
-__all__ = ['NACase', 'parse_case', 'default_cases', 'METHODS', 'run_case', 'best_peer_ratio', 'window_partition']
+__all__ = ['NACase', 'parse_case', 'default_cases', 'METHODS', 'run_case', 'best_peer_ratio', 'padded_windows']
 
 METHODS = ('attnzoo', 'flex', 'sdpa', 'fmha_window', 'natten', 'reference')
 
@@ -130,20 +131,17 @@ def _sdpa_method(q, k, v, rpb, case: NACase) -> Callable:
     return run
 
 
-def window_partition(t: torch.Tensor, window: int) -> torch.Tensor:
-    """``(B, H, W, heads, d)`` to ``(B * windows, heads, window**2, d)``: the map zero-padded to whole
-    ``window x window`` windows, each window's tokens in row-major order."""
-    B, H, W, heads, d = t.shape
-    t = F.pad(t, (0, 0, 0, 0, 0, -W % window, 0, -H % window))
-    nh, nw = t.shape[1] // window, t.shape[2] // window
-    t = t.view(B, nh, window, nw, window, heads, d).permute(0, 1, 3, 5, 2, 4, 6)
-    return t.reshape(B * nh * nw, heads, window * window, d)
+def padded_windows(t: torch.Tensor, window: int) -> torch.Tensor:
+    """``(B, H, W, heads, d)`` to ``(B * windows, heads, window**2, d)``: the map zero-padded at its
+    bottom and right to whole ``window x window`` windows, partitioned as window attention does."""
+    _, H, W, _, _ = t.shape
+    return window_partition(F.pad(t, (0, 0, 0, 0, 0, -W % window, 0, -H % window)), (window, window))
 
 
 def _fmha_window_method(q, k, v, rpb, case: NACase) -> Tuple[Callable, List[torch.Tensor]]:
     # partitioned once, outside the timing: the yardstick is the attention kernel alone, on leaves
     # of its own whose gradients the timed backward computes
-    qw, kw, vw = (window_partition(t.detach(), case.kernel_size).requires_grad_() for t in (q, k, v))
+    qw, kw, vw = (padded_windows(t.detach(), case.kernel_size).requires_grad_() for t in (q, k, v))
 
     def run(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)

@@ -3,18 +3,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnzoo.zoo.kernel_bench import NACase, run_case, window_partition
+from attnzoo.zoo.kernel_bench import NACase, padded_windows, run_case
 
 
-def test_window_partition_groups_each_window_and_pads_to_whole_windows():
+def test_padded_windows_groups_each_window_and_pads_to_whole_windows():
     B, H, W, heads, d, k = 2, 6, 9, 3, 4, 3
     t = torch.randn(B, H, W, heads, d, dtype=torch.float64)
-    w = window_partition(t, k)
+    w = padded_windows(t, k)
     assert w.shape == (B * 2 * 3, heads, k * k, d)
     # window (b=1, row 1, col 2), head 2: the tokens of rows 3-5, cols 6-8, row-major
     assert torch.equal(w[1 * 6 + 1 * 3 + 2, 2], t[1, 3:6, 6:9, 2].reshape(k * k, d))
     # a map that is not a whole number of windows is padded with zero tokens at its bottom and right
-    padded = window_partition(t[:, :5, :8], k)
+    padded = padded_windows(t[:, :5, :8], k)
     assert padded.shape == w.shape
     expected = torch.zeros(k, k, d, dtype=t.dtype)
     expected[:2, :2] = t[1, 3:5, 6:8, 2]
@@ -26,12 +26,12 @@ def test_windowed_attention_is_dense_attention_under_a_block_mask():
     # query's own k x k window: k*k scored keys per query, as in neighborhood attention
     B, H, W, heads, d, k = 1, 6, 6, 2, 8, 3
     q, kk, v = (torch.randn(B, H, W, heads, d, dtype=torch.float64) for _ in range(3))
-    out = F.scaled_dot_product_attention(*(window_partition(t, k) for t in (q, kk, v)))
+    out = F.scaled_dot_product_attention(*(padded_windows(t, k) for t in (q, kk, v)))
     window_of = (torch.arange(H)[:, None] // k * (W // k) + torch.arange(W)[None, :] // k).flatten()
     mask = window_of[:, None] == window_of[None, :]
     flat = [t.flatten(1, 2).transpose(1, 2) for t in (q, kk, v)]  # (B, heads, H*W, d)
     dense = F.scaled_dot_product_attention(*flat, attn_mask=mask)
-    assert torch.allclose(out, window_partition(dense.transpose(1, 2).unflatten(1, (H, W)), k), atol=1e-12)
+    assert torch.allclose(out, padded_windows(dense.transpose(1, 2).unflatten(1, (H, W)), k), atol=1e-12)
 
 
 def test_fmha_window_row_counts_neighborhood_attention_work():
