@@ -18,6 +18,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import triton
@@ -31,22 +32,16 @@ from attnzoo.kernels import na2d_triton as nt  # noqa: E402
 
 
 def forward_rows(q, k, v, rpb, ks, dil, scale, rows):
-    """na2d's forward kernel stepping ``rows`` halo rows at a time (None: today's choice)."""
+    """na2d's forward (``_forward``, bias tables and launch) stepping ``rows`` halo rows at a time (None:
+    today's choice), the launch's step and the table's padding swapped in for the call."""
     launch = nt._launch(q, v, ks, ks, dil, dil)
     if rows is not None:
         launch = copy.copy(launch)
         launch.meta = dict(launch.meta, CH=rows)
         # the bias table padded for the further reach of a longer step (as _Launch pads for CH)
         launch.bias_pad = (launch.meta['TH'] + max(rows, launch.bwd_meta['CH']) - 2, launch.bias_pad[1])
-    B, H, W, heads, _ = q.shape
-    out = torch.empty((B, H, W, heads, v.shape[-1]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, heads, H, W), dtype=torch.float32, device=q.device)
-    blocks = nt._BiasTables(rpb, launch).blocks(launch.meta['CH']) if rpb is not None else q
-    nt._na2d_fwd_kernel[launch.grid](
-        q, k, v, blocks, out, lse,
-        *nt._strides(q), *nt._strides(k), *nt._strides(v), *nt._strides(out),
-        *launch.dims, scale * nt._LOG2E,
-        HAS_RPB=rpb is not None, num_warps=launch.num_warps, num_stages=launch.fwd_stages, **launch.meta)
+    with mock.patch.object(nt, '_launch', lambda *args: launch):
+        out, lse, _ = nt._forward(q, k, v, rpb, ks, ks, dil, dil, scale)
     return out, lse
 
 
