@@ -64,12 +64,6 @@ CASES = {
         lambda q, k, v: single_head_attention.reference(q, k, v, 0.5),
         lambda q, k, v: single_head_loops(q, k, v, 0.5),
     ),
-    'single_head_cpu': (
-        lambda: [torch.randn(2, 25, 4, dtype=torch.float64), torch.randn(2, 25, 4, dtype=torch.float64),
-                 torch.randn(2, 25, 9, dtype=torch.float64)],
-        lambda q, k, v: single_head_attention.cpu(q, k, v, 0.5),
-        lambda q, k, v: single_head_loops(q, k, v, 0.5),
-    ),
 }
 
 
@@ -123,14 +117,17 @@ def test_bad_shapes_raise_value_error(call, match):
         call()
 
 
-def test_single_head_cpu_path_is_auto_on_cpu_and_hands_large_maps_to_the_fused_kernel(monkeypatch):
+def test_single_head_hands_large_maps_to_the_fused_kernel(monkeypatch):
     module = importlib.import_module('attnzoo.kernels.single_head_attention')  # the op shadows its module
     q, k, v = (torch.randn(1, 30, 4, dtype=torch.float64) for _ in range(3))
+    v = torch.randn(1, 30, 5, dtype=torch.float64)  # a v width SDPA's CUDA kernels take only padded
     want = single_head_loops(q, k, v, 4 ** -0.5)
-    calls = []
-    monkeypatch.setattr(single_head_attention, 'reference', lambda *a, **kw: calls.append('reference'))
+    fused = []
+    sdpa = module._sdpa_one_head
+    monkeypatch.setattr(module, '_sdpa_one_head', lambda *a: fused.append(1) or sdpa(*a))
     torch.testing.assert_close(single_head_attention(q, k, v), want, rtol=1e-12, atol=1e-12)
-    # beyond its limit of scores the CPU path runs the fused kernel, with the same result
-    monkeypatch.setattr(module, '_CPU_MAX_SCORES', 30 * 30 - 1)
+    assert not fused
+    # beyond its limit of scores the op runs the fused kernel, with the same result
+    monkeypatch.setattr(module, '_MAX_SCORES', 30 * 30 - 1)
     torch.testing.assert_close(single_head_attention(q, k, v), want, rtol=1e-12, atol=1e-12)
-    assert calls == []
+    assert fused
