@@ -2,7 +2,7 @@
 # The probes still waiting for a GPU, as named steps for the device's short calls: each step's
 # output is packed into $OUT/r.tgz as soon as it ends, so a call cut short keeps what finished.
 #
-#   STEPS="host frows fbwd" bash benchmarks/probes/device_steps.sh
+#   STEPS="bcomp host kern" bash benchmarks/probes/device_steps.sh
 #   STEPS="strided@240 c_az_van_b0+van_b0@280" bash benchmarks/probes/device_steps.sh
 #
 # STEP@SECONDS bounds a step (default 400 s). The authors' models are read from $PEERS (default
@@ -25,14 +25,12 @@ for step in $STEPS; do
   echo "=== $name (limit $limit s) $(date +%T)"
   case $name in
   host) timeout $limit python benchmarks/probes/host_cost.py --json $O/host.json > $O/host.txt 2>&1 ;;
-  frows) timeout $limit python benchmarks/probes/na2d_forward_rows.py > $O/frows.txt 2>&1 ;;
-  fbwd) timeout $limit python benchmarks/probes/na2d_fused_backward.py > $O/fbwd.txt 2>&1 ;;
-  kern) timeout $limit python scripts/benchmark.py --mode kernels --json $O/kern.json > $O/kern.txt 2>&1 ;;
+  bcomp) timeout $limit python benchmarks/probes/bias_compile.py > $O/bcomp.txt 2>&1 ;;
+  # flex attention compiles per case (~50 s each): left out; the exact peers ran on 2026-11-30
+  kern) timeout $limit python scripts/benchmark.py --mode kernels --methods attnzoo fmha_window sdpa \
+          --json $O/kern.json > $O/kern.txt 2>&1 ;;
   strided) for m in az_davit_tiny az_agent_pvt_t az_agent_swin_t; do
              timeout $limit python benchmarks/probes/strided_ops.py $m --batch 32 > $O/strided_$m.txt 2>&1; done ;;
-  shvitab) for mode in auto cpu; do
-             ATTNZOO_KERNELS=$mode timeout $limit $BENCH --interleave --models az_shvit_s4 az_shvit_s1 \
-               --peers shvit_s4 shvit_s1 --pairs az_shvit_s4=shvit_s4 az_shvit_s1=shvit_s1 > $O/shvit_$mode.txt 2>&1; done ;;
   cprof) timeout $limit python scripts/profile_step.py --amp --channels-last --compile --phase train \
            --models az_dinat_tiny swin_tiny_patch4_window7_224 --json $O/cprof.json > $O/cprof.txt 2>&1 ;;
   c_*) set -- $(echo ${name#c_} | tr '+' ' ')

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Which layout of an attention bias survives a compiled training step on CUDA.
+
+Why: on an H100 (torch 2.11, 2026-12-07) `torch.compile` of az_agent_pvt_t and az_agent_swin_t trained
+nowhere: the backward's `_scaled_dot_product_efficient_attention_backward` got a bias of (8, 8, 49,
+49) with strides (0, 1, 448, 8), heads innermost, and raised "(*bias): last dimension must be
+contiguous" (inductor; pytorch/pytorch#124289, #138317). Eager runs, and `.contiguous()` on the
+mask before SDPA did not help. The CPU cannot tell: there SDPA lowers to its math path. This runs
+one compiled training step of each model with every SDPA mask rewritten one way, to find the
+formulation to put into the package:
+
+* ``as_is``: the masks as the blocks build them (reproduces the failure);
+* ``contiguous``: ``.contiguous()``;
+* ``three_d``: contiguous with a leading singleton dim dropped, so no 4-D layout heuristic applies;
+* ``aligned``: padded to whole 8-element rows in our own storage and sliced back, so SDPA finds
+  the alignment it wants and inserts no pad of its own.
+
+    python benchmarks/probes/bias_compile.py [--models az_agent_pvt_t az_agent_swin_t] [--batch 4] [--size 224]
+
+Each variant is checked against the eager step's loss (bf16) as well as for running.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import attnzoo  # noqa: F401
+except ImportError:
+    # a checkout that was never installed (the device's): the package lives in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import timm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
+from benchmark import to_channels_last  # noqa: E402
+
+
+def _three_d(mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.contiguous()
+    return mask[0] if mask.dim() == 4 and mask.shape[0] == 1 else mask
+
+
+def _aligned(mask: torch.Tensor) -> torch.Tensor:
+    length = mask.shape[-1]
+    return F.pad(mask.contiguous(), (0, -length % 8))[..., :length]
+
+
+VARIANTS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    'as_is': lambda mask: mask,
+    'contiguous': lambda mask: mask.contiguous(),
+    'three_d': _three_d,
+    'aligned': _aligned,
+}
+
+
+class _Shim:
+    """``torch.nn.functional`` with its SDPA rewriting the mask: set as the blocks' ``F``."""
+
+    def __init__(self, rewrite: Callable[[torch.Tensor], torch.Tensor]):
+        self.rewrite = rewrite
+
+    def __getattr__(self, name: str):
+        return getattr(F, name)
+
+    def scaled_dot_product_attention(self, q, k, v, attn_mask: Optional[torch.Tensor] = None, **kwargs):
+        if attn_mask is not None:
+            attn_mask = self.rewrite(attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
+
+
+def step(model: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.autocast(x.device.type, torch.bfloat16):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    return loss.item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=['az_agent_pvt_t', 'az_agent_swin_t'])
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--size', type=int, default=224)
+    parser.add_argument('--device', default='cuda', help='cpu only checks that the probe runs')
+    args = parser.parse_args()
+    modules = [sys.modules['attnzoo.kernels.agent_attention'], sys.modules['attnzoo.blocks.agent']]
+    for name in args.models:
+        torch.manual_seed(0)
+        model = timm.create_model(name).to(args.device)
+        to_channels_last(model)
+        x = torch.randn(args.batch, 3, args.size, args.size, device=args.device).to(memory_format=torch.channels_last)
+        eager = step(model, x)
+        for variant in args.variants:
+            for module in modules:
+                module.F = _Shim(VARIANTS[variant])
+            torch._dynamo.reset()
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            try:
+                loss = step(torch.compile(model), x)
+                verdict = f'runs, loss {loss:.5f} vs eager {eager:.5f} (rel. {abs(loss - eager) / abs(eager):.1e})'
+            except Exception as error:  # noqa: BLE001 - the probe reports every failure and goes on
+                verdict = f'fails: {type(error).__name__}: {str(error).splitlines()[0][:160]}'
+            print(f'{name:18s} {variant:11s} {time.perf_counter() - start:6.1f} s  {verdict}', flush=True)
+        for module in modules:
+            module.F = F
+
+
+if __name__ == '__main__':
+    main()
