@@ -54,15 +54,30 @@ def agent_attention(
             f'agents {tuple(agents.shape)}')
     q, k, v, agents = (t.transpose(1, 2) for t in (q, k, v, agents))  # (B, heads, tokens, dim)
 
-    def as_mask(bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        # autocast runs the attention in the lower precision, so the bias follows the queries' dtype;
-        # and 4-D: PyTorch's fused CPU kernel takes no other mask, a 3-D one falls back to the slow
-        # unfused path
-        if bias is None:
-            return None
-        return bias.to(q.dtype).reshape((1,) * (4 - bias.dim()) + bias.shape)
-
-    agent_bias, query_bias = as_mask(agent_bias), as_mask(query_bias)
+    # autocast runs the attention in the lower precision, so the biases follow the queries' dtype
+    rank = _mask_rank(q.device)
+    agent_bias, query_bias = (None if b is None else _as_mask(b.to(q.dtype), rank) for b in (agent_bias, query_bias))
     agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=agent_bias, scale=scale)
     out = F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=query_bias, scale=scale)
     return out.transpose(1, 2)
+
+
+def _mask_rank(device: torch.device) -> int:
+    """The rank SDPA's masks are given at on ``device``.
+
+    4 on the CPU, whose fused kernel takes 4-D masks only (a 3-D one falls back to the slow unfused
+    path). 3 elsewhere: a 4-D mask breaks compiled training on CUDA, because inductor lays out
+    every dense 4-D tensor upstream of a convolution channels_last, the masks too (the next
+    block's depthwise conv reads the attention's output), so the padded bias the efficient-attention
+    backward receives has its heads innermost and is rejected ("(*bias): last dimension must be
+    contiguous"; H100, torch 2.11). That layout rule leaves 3-D tensors alone.
+    """
+    return 4 if device.type == 'cpu' else 3
+
+
+def _as_mask(bias: torch.Tensor, rank: int) -> torch.Tensor:
+    """``bias`` with leading singleton dims added or dropped to reach ``rank``; a bias whose batch
+    dim is real keeps it (SDPA broadcasts either)."""
+    while bias.dim() > rank and bias.shape[0] == 1:
+        bias = bias[0]
+    return bias.reshape((1,) * (rank - bias.dim()) + bias.shape) if bias.dim() < rank else bias

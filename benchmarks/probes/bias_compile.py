@@ -5,15 +5,16 @@ Why: on an H100 (torch 2.11, 2026-12-07) `torch.compile` of az_agent_pvt_t and a
 nowhere: the backward's `_scaled_dot_product_efficient_attention_backward` got a bias of (8, 8, 49,
 49) with strides (0, 1, 448, 8), heads innermost, and raised "(*bias): last dimension must be
 contiguous" (inductor; pytorch/pytorch#124289, #138317). Eager runs, and `.contiguous()` on the
-mask before SDPA did not help. The CPU cannot tell: there SDPA lowers to its math path. This runs
-one compiled training step of each model with every SDPA mask rewritten one way, to find the
-formulation to put into the package:
+mask before SDPA did not help. Read in inductor's source: with convolutions in the graph it lays
+out every dense 4-D tensor upstream of one channels_last, the masks included. `agent_attention`
+has since given SDPA 3-D masks off the CPU, which that rule does not reach. The CPU cannot tell
+(there SDPA lowers to its math path); this runs one compiled training step of each model with
+every SDPA mask rewritten one way:
 
-* ``as_is``: the masks as the blocks build them (reproduces the failure);
-* ``contiguous``: ``.contiguous()``;
-* ``three_d``: contiguous with a leading singleton dim dropped, so no 4-D layout heuristic applies;
-* ``aligned``: padded to whole 8-element rows in our own storage and sliced back, so SDPA finds
-  the alignment it wants and inserts no pad of its own.
+* ``as_is``: the masks as the package gives them (3-D on CUDA; the fix to confirm);
+* ``four_d``: given a leading singleton dim back, as before the fix (should reproduce the failure);
+* ``aligned``: 4-D, padded to whole 8-element rows in our own storage and sliced back, so SDPA
+  finds the alignment it wants and inserts no pad of its own (the fallback if 3-D does not hold).
 
     python benchmarks/probes/bias_compile.py [--models az_agent_pvt_t az_agent_swin_t] [--batch 4] [--size 224]
 
@@ -39,20 +40,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
 from benchmark import to_channels_last  # noqa: E402
 
 
-def _three_d(mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.contiguous()
-    return mask[0] if mask.dim() == 4 and mask.shape[0] == 1 else mask
+def _four_d(mask: torch.Tensor) -> torch.Tensor:
+    return mask[None] if mask.dim() == 3 else mask
 
 
 def _aligned(mask: torch.Tensor) -> torch.Tensor:
     length = mask.shape[-1]
-    return F.pad(mask.contiguous(), (0, -length % 8))[..., :length]
+    return F.pad(_four_d(mask).contiguous(), (0, -length % 8))[..., :length]
 
 
 VARIANTS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'as_is': lambda mask: mask,
-    'contiguous': lambda mask: mask.contiguous(),
-    'three_d': _three_d,
+    'four_d': _four_d,
     'aligned': _aligned,
 }
 

@@ -1,4 +1,5 @@
 """Agent attention: the reference op and the AgentAttention block against independent float64 transcriptions."""
+import importlib
 import math
 
 import pytest
@@ -58,6 +59,47 @@ def test_reference_equals_loops_float64_with_gradients():
     want = torch.autograd.grad(expected, inputs, grad)
     for g, w in zip(got, want):  # q, k, v, agents and both biases
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('rank', [3, 4])
+@pytest.mark.parametrize('bias_dims', [3, 4])
+def test_masks_of_either_rank_give_the_same_result_and_gradients(monkeypatch, rank, bias_dims):
+    # the op gives SDPA 4-D masks on the CPU and 3-D ones on CUDA (compiled training); both, from
+    # biases of either rank, must be the definition
+    module = importlib.import_module('attnzoo.kernels.agent_attention')  # the op shadows its module
+    monkeypatch.setattr(module, '_mask_rank', lambda device: rank)
+    inputs = _inputs()
+    if bias_dims == 4:
+        inputs[4:] = [b[None] for b in inputs[4:]]
+    inputs = [t.requires_grad_() for t in inputs]
+    out = agent_attention(*inputs, scale=0.4)
+    expected = agent_attention_loops(*inputs[:4], *(b.reshape(b.shape[-3:]) for b in inputs[4:]), scale=0.4)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for g, w in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the failure is CUDA inductor\'s (efficient attention)')
+def test_compiled_training_with_a_convolution_after_matches_eager_on_cuda():
+    # inductor lays out 4-D tensors upstream of a convolution channels_last; a 4-D bias so laid out
+    # made the efficient-attention backward fail in Agent-PVT-T (8 heads, 49 agents, 7x7 map)
+    torch.manual_seed(0)
+    size, dim = (7, 7), 64
+    block = randomize_(AgentAttention(dim, 8, agent_num=49, bias_size=7)).cuda()
+    conv = torch.nn.Conv2d(dim, dim, 3, padding=1, groups=dim).cuda()
+
+    def step(x):
+        with torch.autocast('cuda', torch.bfloat16):
+            y = block(x, size).transpose(1, 2).reshape(x.shape[0], dim, *size)
+            return conv(y.contiguous(memory_format=torch.channels_last)).float().square().mean()
+
+    x = torch.randn(8, 49, dim, device='cuda')
+    params = list(block.parameters()) + list(conv.parameters())
+    want = torch.autograd.grad(step(x), params)
+    got = torch.autograd.grad(torch.compile(step)(x), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
 
 
 def test_float32_reference_against_float64():
