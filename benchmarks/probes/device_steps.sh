@@ -8,7 +8,7 @@
 # STEP@SECONDS bounds a step (default 400 s). The authors' models are read from $PEERS (default
 # .gpu/authors, made here by `python benchmarks/probes/authors_peers.py --mirrors <snapshots> --out
 # .gpu/authors` and carried). c_<ours>+<peer>[+timm] is one compiled pair: the peer an authors_peers
-# function, or a timm model with +timm. Steps: see the case list below and README.md beside this file.
+# function, or a timm model with +timm; cr_ the same with our ops' PyTorch references. Steps: see the case list below and README.md beside this file.
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 O=/tmp/device_steps
 mkdir -p $O
@@ -33,9 +33,13 @@ for step in $STEPS; do
              timeout $limit python benchmarks/probes/strided_ops.py $m --batch 32 > $O/strided_$m.txt 2>&1; done ;;
   cprof) timeout $limit python scripts/profile_step.py --amp --channels-last --compile --phase train \
            --models az_dinat_tiny swin_tiny_patch4_window7_224 --json $O/cprof.json > $O/cprof.txt 2>&1 ;;
-  c_*) set -- $(echo ${name#c_} | tr '+' ' ')
+  # cr_: the same pair with every op's plain PyTorch reference (ATTNZOO_KERNELS=reference), which
+  # inductor can fuse into its neighbours: whether our opaque kernels cost a model compiled
+  c_*|cr_*) set -- $(echo ${name#*_} | tr '+' ' ')
        if [ "$3" = timm ]; then peer="--peers $2"; else peer="--peer-factory authors_peers:$2"; fi
-       timeout $limit $BENCH --compile compiled --json $O/$name.json --models $1 $peer --pairs $1=$2 > $O/$name.txt 2>&1 ;;
+       mode=auto; [ "${name%%_*}" = cr ] && mode=reference
+       ATTNZOO_KERNELS=$mode timeout $limit $BENCH --compile compiled --json $O/$name.json --models $1 $peer \
+         --pairs $1=$2 > $O/$name.txt 2>&1 ;;
   *) echo "unknown step $name" ;;
   esac
   echo "rc $? $(date +%T)"
