@@ -16,7 +16,12 @@ every SDPA mask rewritten one way:
 * ``aligned``: 4-D, padded to whole 8-element rows in our own storage and sliced back, so SDPA
   finds the alignment it wants and inserts no pad of its own (the fallback if 3-D does not hold).
 
-    python benchmarks/probes/bias_compile.py [--models az_agent_pvt_t az_agent_swin_t] [--batch 4] [--size 224]
+    python benchmarks/probes/bias_compile.py [--models az_agent_pvt_t az_agent_swin_t dense:az_agent_swin_t]
+
+``dense:<name>`` is the backbone for dense heads (`create_dense_backbone(name, dense_cfg='upernet')`)
+with a 3x3 conv over every level, as an FPN's: there the Swin blocks of the last stage feed
+convolutions too, and their window bias (4-D, batch-sized where shifted) is not passed through
+`agent_attention`.
 
 Each variant is checked against the eager step's loss (bf16) as well as for running.
 """
@@ -71,6 +76,20 @@ class _Shim:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
 
 
+class _DenseProbe(torch.nn.Module):
+    """A dense backbone with a 3x3 conv over each level (as an FPN's), summed to one map per image."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        from attnzoo.zoo import create_dense_backbone
+        # no stochastic depth (the setting's 0.2-0.3), so the compiled step can be checked against eager
+        self.backbone = create_dense_backbone(name, dense_cfg='upernet', drop_path_rate=0.)
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(c, 8, 3, padding=1) for c in self.backbone.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(conv(level).mean((2, 3)) for conv, level in zip(self.convs, self.backbone(x)))
+
+
 def step(model: torch.nn.Module, x: torch.Tensor) -> float:
     with torch.autocast(x.device.type, torch.bfloat16):
         loss = model(x).float().square().mean()
@@ -80,7 +99,7 @@ def step(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--models', nargs='+', default=['az_agent_pvt_t', 'az_agent_swin_t'])
+    parser.add_argument('--models', nargs='+', default=['az_agent_pvt_t', 'az_agent_swin_t', 'dense:az_agent_swin_t'])
     parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument('--batch', type=int, default=4)
     parser.add_argument('--size', type=int, default=224)
@@ -89,7 +108,7 @@ def main() -> None:
     modules = [sys.modules['attnzoo.kernels.agent_attention'], sys.modules['attnzoo.blocks.agent']]
     for name in args.models:
         torch.manual_seed(0)
-        model = timm.create_model(name).to(args.device)
+        model = (_DenseProbe(name[6:]) if name.startswith('dense:') else timm.create_model(name)).to(args.device)
         to_channels_last(model)
         x = torch.randn(args.batch, 3, args.size, args.size, device=args.device).to(memory_format=torch.channels_last)
         eager = step(model, x)
