@@ -10,8 +10,11 @@ products, convolutions, norms, elementwise, copies, ...) and the most expensive 
     python scripts/profile_step.py --models az_nat_tiny az_dinat_tiny swin_tiny_patch4_window7_224 \\
         --amp --channels-last --phase train --json step.json
 
-Models come from timm (``az_*`` registered by attnzoo); ``--compile`` profiles torch.compile'd
-models. Run on a GPU: on the CPU only the wall clock and the profiler's CPU time are meaningful.
+Models come from timm (``az_*`` registered by attnzoo) or, as in ``benchmark.py``, from a user's
+function (``--peer-factory module:function[:label]`` imported from ``--peer-path``: the authors'
+code, kept outside the package); ``--compile`` profiles torch.compile'd models. Each training row
+also gives the peak memory of its timed steps. Run on a GPU: on the CPU only the wall clock and the
+profiler's CPU time are meaningful.
 """
 import argparse
 import json
@@ -21,7 +24,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -33,6 +36,10 @@ try:
 except ImportError:  # a checkout that was never installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnzoo  # noqa: F401
+
+# the benchmark's peer factories and layout conversion, so both scripts build and lay out a model alike
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark import PeerFactory, load_peer_factory, to_channels_last  # noqa: E402
 
 # kernel kinds by name, first match wins; what matches none is 'other'
 KINDS: Tuple[Tuple[str, str], ...] = (
@@ -60,7 +67,11 @@ def kind_of(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--models', nargs='+', required=True, metavar='NAME')
+    p.add_argument('--models', nargs='+', default=[], metavar='NAME', help='timm model names')
+    p.add_argument('--peer-factory', nargs='+', default=[], metavar='MODULE:FUNCTION[:LABEL]',
+                   help='Models built by a function of yours, as in benchmark.py (e.g. the authors\' code).')
+    p.add_argument('--peer-path', nargs='+', default=[], metavar='DIR',
+                   help='Folders to import --peer-factory modules from (put first on sys.path).')
     p.add_argument('--phase', choices=('train', 'infer', 'both'), default='train')
     p.add_argument('--batch-size', type=int, default=256, help='inference batch (default 256)')
     p.add_argument('--train-batch-size', type=int, default=128, help='training batch (default 128)')
@@ -101,7 +112,7 @@ def make_step(model: torch.nn.Module, args: argparse.Namespace, phase: str, devi
         return step
     model.train()
     x = torch.randn(args.train_batch_size, *input_size, device=device).contiguous(memory_format=fmt)
-    num_classes = model.num_classes or model.num_features
+    num_classes = getattr(model, 'num_classes', 0) or getattr(model, 'num_features', 0) or _output_width(model, x)
     target = torch.randint(0, num_classes, (args.train_batch_size,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
@@ -114,16 +125,29 @@ def make_step(model: torch.nn.Module, args: argparse.Namespace, phase: str, devi
     return step
 
 
+def _output_width(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """The width of a model's output (its classes), from one forward of two images."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        width = model(x[:2]).shape[-1]
+    model.train(was_training)
+    return width
+
+
 def profile_step(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     for _ in range(args.warmup):
         step()
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     sync()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync()
     wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    peak_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == 'cuda' else None
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with profile(activities=activities) as prof:
@@ -144,7 +168,7 @@ def profile_step(step: Callable[[], None], args: argparse.Namespace, device: tor
         by_kind[kind_of(name)] += ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:args.top]
     return dict(
-        wall_ms=wall_ms, gpu_ms=gpu_ms, gpu_busy=gpu_ms / wall_ms if wall_ms else None,
+        wall_ms=wall_ms, peak_gib=peak_gib, gpu_ms=gpu_ms, gpu_busy=gpu_ms / wall_ms if wall_ms else None,
         launches=sum(c for _, c in kernels.values()),
         by_kind=dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
         top=[dict(name=name, ms=ms, calls=calls, kind=kind_of(name)) for name, (ms, calls) in top],
@@ -153,30 +177,44 @@ def profile_step(step: Callable[[], None], args: argparse.Namespace, device: tor
 
 def report(label: str, r: Dict[str, Any]) -> str:
     lines = [f'== {label}: wall {r["wall_ms"]:.2f} ms/step, GPU busy {r["gpu_ms"]:.2f} ms '
-             f'({100 * (r["gpu_busy"] or 0):.0f}% of wall), {r["launches"]:.0f} launches/step']
+             f'({100 * (r["gpu_busy"] or 0):.0f}% of wall), {r["launches"]:.0f} launches/step'
+             + (f', peak {r["peak_gib"]:.2f} GiB' if r['peak_gib'] is not None else '')]
     lines.append('   by kind: ' + ', '.join(f'{k} {ms:.2f}' for k, ms in r['by_kind'].items() if ms >= 0.005))
     for t in r['top']:
         lines.append(f'   {t["ms"]:8.3f} ms {t["calls"]:6.1f}x  [{t["kind"]}] {t["name"][:110]}')
     return '\n'.join(lines)
 
 
+def _build(source: Union[str, PeerFactory], args: argparse.Namespace) -> Tuple[str, torch.nn.Module]:
+    """The row's label and its model: a timm name, or a peer factory."""
+    if isinstance(source, PeerFactory):
+        return source.label, source.build(args.img_size)
+    kwargs = dict(args.model_kwargs)
+    if args.img_size is not None:
+        kwargs['img_size'] = args.img_size
+    try:
+        return source, timm.create_model(source, **kwargs)
+    except TypeError:  # a model that fixes no input size takes no img_size
+        kwargs.pop('img_size', None)
+        return source, timm.create_model(source, **kwargs)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    sys.path[:0] = [str(Path(p).resolve()) for p in args.peer_path]
+    sources: List[Union[str, PeerFactory]] = [*args.models, *(load_peer_factory(s) for s in args.peer_factory)]
+    if not sources:
+        raise SystemExit('profile_step.py: give --models, --peer-factory or both')
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     phases = ('train', 'infer') if args.phase == 'both' else (args.phase,)
     results = []
-    for name in args.models:
-        kwargs = dict(args.model_kwargs)
-        if args.img_size is not None:
-            kwargs['img_size'] = args.img_size
-        try:
-            model = timm.create_model(name, **kwargs)
-        except TypeError:  # a model that fixes no input size takes no img_size
-            kwargs.pop('img_size', None)
-            model = timm.create_model(name, **kwargs)
-        size = model.pretrained_cfg['input_size']
+    for source in sources:
+        name, model = _build(source, args)
+        size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
         input_size = (size[0], args.img_size, args.img_size) if args.img_size else tuple(size)
-        model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+        if args.channels_last:
+            to_channels_last(model)
+        model.to(device)
         for phase in phases:
             label = f'{name} {phase}' + (' compiled' if args.compile else '')
             r = profile_step(make_step(model, args, phase, device, input_size), args, device)
@@ -184,13 +222,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results.append(dict(model=name, phase=phase, compiled=args.compile, **r))
             if args.json:  # written as results come, so a run cut short keeps what it measured
                 meta = dict(torch=torch.__version__, timm=timm.__version__, argv=list(argv or sys.argv[1:]),
-                            device=torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu')
+                            device=torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
+                            peer_sources={f.label: f.source for f in sources if isinstance(f, PeerFactory)})
                 Path(args.json).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
         del model
         if device.type == 'cuda':
             torch.cuda.empty_cache()
     return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -40,6 +40,12 @@ for step in $STEPS; do
        mode=auto; [ "${name%%_*}" = cr ] && mode=reference
        ATTNZOO_KERNELS=$mode timeout $limit $BENCH --compile compiled --json $O/$name.json --models $1 $peer \
          --pairs $1=$2 > $O/$name.txt 2>&1 ;;
+  # p_<ours>+<peer>[+timm]: both training steps profiled, with peak memory (where Agent-PVT's extra
+  # memory and the Agent / LITv2 training gaps come from)
+  p_*) set -- $(echo ${name#p_} | tr '+' ' ')
+       if [ "$3" = timm ]; then peer="--models $1 $2"; else peer="--models $1 --peer-factory authors_peers:$2"; fi
+       timeout $limit python scripts/profile_step.py --amp --channels-last --phase train \
+         --peer-path benchmarks/probes ${PEERS:-.gpu/authors} $peer --json $O/$name.json > $O/$name.txt 2>&1 ;;
   *) echo "unknown step $name" ;;
   esac
   echo "rc $? $(date +%T)"

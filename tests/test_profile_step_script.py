@@ -1,0 +1,47 @@
+"""scripts/profile_step.py on the CPU: timm models and user-built peers in one run, results in JSON."""
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'profile_step.py'
+
+# a peer as an author's code would be: no timm attributes (num_classes, pretrained_cfg)
+PEER_MODULE = '''
+import torch.nn as nn
+
+
+def tiny_net():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 5))
+'''
+
+
+@pytest.fixture(scope='module')
+def prof() -> ModuleType:
+    # scripts/ is not a package; load the file the way `python scripts/profile_step.py` would see it
+    spec = importlib.util.spec_from_file_location('attnzoo_profile_step_script', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_models_and_peer_factories_profile_in_one_run(prof, tmp_path, capsys):
+    (tmp_path / 'my_peers.py').write_text(PEER_MODULE)
+    out = tmp_path / 'steps.json'
+    prof.main(['--models', 'az_shvit_s1', '--peer-path', str(tmp_path), '--peer-factory', 'my_peers:tiny_net:mine',
+               '--img-size', '64', '--train-batch-size', '2', '--warmup', '1', '--steps', '1',
+               '--profiled-steps', '1', '--channels-last', '--json', str(out)])
+    data = json.loads(out.read_text())
+    assert [(r['model'], r['phase']) for r in data['results']] == [('az_shvit_s1', 'train'), ('mine', 'train')]
+    for r in data['results']:
+        assert r['wall_ms'] > 0 and r['peak_gib'] is None  # no CUDA memory on the CPU
+    assert data['meta']['peer_sources'] == {'mine': str(tmp_path / 'my_peers.py')}
+    assert '== mine train: wall' in capsys.readouterr().out
+
+
+def test_nothing_to_profile_is_an_error(prof):
+    with pytest.raises(SystemExit, match='--models, --peer-factory'):
+        prof.main(['--phase', 'train'])
