@@ -46,6 +46,10 @@ for step in $STEPS; do
        if [ "$3" = timm ]; then peer="--models $1 $2"; else peer="--models $1 --peer-factory authors_peers:$2"; fi
        timeout $limit python scripts/profile_step.py --amp --channels-last --phase train \
          --peer-path benchmarks/probes ${PEERS:-.gpu/authors} $peer --json $O/$name.json > $O/$name.txt 2>&1 ;;
+  # s_<ours>+<peer>: what each training forward saves for its backward, by module
+  s_*) set -- $(echo ${name#s_} | tr '+' ' ')
+       timeout $limit python benchmarks/probes/saved_bytes.py --models $1 --peer-factory authors_peers:$2 \
+         --peer-path benchmarks/probes ${PEERS:-.gpu/authors} > $O/$name.txt 2>&1 ;;
   *) echo "unknown step $name" ;;
   esac
   echo "rc $? $(date +%T)"
