@@ -29,6 +29,7 @@ for step in $STEPS; do
   gtest) timeout $limit python -m pytest -q -p no:cacheprovider -rs tests/kernels/test_agent_attention.py \
            tests/kernels/test_attention_ops.py tests/kernels/test_layer_norm.py tests/kernels/test_depthwise_conv.py \
            tests/kernels/test_na2d_triton.py > $O/gtest.txt 2>&1 ;;
+  sdpax) timeout $limit python benchmarks/probes/sdpa_explicit.py > $O/sdpax.txt 2>&1 ;;
   bgrad) timeout $limit python benchmarks/probes/bias_grad.py > $O/bgrad.txt 2>&1 ;;
   bcomp) timeout $limit python benchmarks/probes/bias_compile.py --variants as_is four_d > $O/bcomp.txt 2>&1 ;;
   # flex attention compiles per case (~50 s each): left out; the exact peers ran on 2026-11-30

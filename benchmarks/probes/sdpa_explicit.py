@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Each attention op's SDPA call against the same attention written as two matrix products and a
+softmax, in whole training and inference steps.
+
+Why: at SHViT's one head of 16 channels the explicit products ran 1.10-1.16x faster than SDPA's
+fused kernel on an H100 (`../2026-12-07-h100-compiled-pairs-na2d-probes`), and single-head attention
+now takes them. The other ops call SDPA on sequences as short: HiLo's Hi-Fi windows of 2x2 = 4
+tokens (LITv2), agent attention's 9-49 agents (Agent-PVT, Agent-Swin), DaViT's and the Swin blocks'
+7x7 windows, STViT's windows over super tokens. This swaps SDPA for the explicit products in one op module at
+a time (every module of ours that calls SDPA, found by a first forward) and times whole steps of
+each model against SDPA, interleaved in rounds; a module whose swap wins in both steps is the one
+to change in the package (as single_head_attention was, 719323b).
+
+    python benchmarks/probes/sdpa_explicit.py [--models az_litv2_s az_agent_pvt_t az_davit_tiny ...]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import attnzoo  # noqa: F401
+except ImportError:
+    # a checkout that was never installed (the device's): the package lives in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import timm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
+from benchmark import to_channels_last  # noqa: E402
+
+# the package's modules that call F.scaled_dot_product_attention (the kernel ops shadow their
+# modules' names in attnzoo.kernels, hence sys.modules)
+MODULES = ('attnzoo.kernels.window_attention', 'attnzoo.kernels.hilo', 'attnzoo.kernels.agent_attention',
+           'attnzoo.blocks.agent')
+
+
+def explicit_attention(q, k, v, attn_mask=None, dropout_p=0., is_causal=False, scale=None, enable_gqa=False):
+    """SDPA's contract (no dropout, no causal mask) as ``softmax(scale q k^T + mask) v``."""
+    if dropout_p or is_causal or enable_gqa:
+        raise NotImplementedError('the probe covers the calls our blocks make')
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
+class _Shim:
+    """``torch.nn.functional`` with another SDPA (and a call count): set as a module's ``F``."""
+
+    def __init__(self, sdpa: Callable):
+        self.sdpa, self.calls = sdpa, 0
+
+    def __getattr__(self, name: str):
+        return getattr(F, name)
+
+    def scaled_dot_product_attention(self, *args, **kwargs):
+        self.calls += 1
+        return self.sdpa(*args, **kwargs)
+
+
+def set_explicit(modules: List[str]) -> None:
+    """The explicit products in ``modules``, SDPA everywhere else."""
+    for name in MODULES:
+        sys.modules[name].F = _Shim(explicit_attention) if name in modules else F
+
+
+def callers(model: torch.nn.Module, x: torch.Tensor) -> List[str]:
+    """The modules whose SDPA calls a forward of ``model`` makes."""
+    shims = {name: _Shim(F.scaled_dot_product_attention) for name in MODULES}
+    for name, shim in shims.items():
+        sys.modules[name].F = shim
+    try:
+        with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16):
+            model(x[:2])
+    finally:
+        set_explicit([])
+    return [name for name, shim in shims.items() if shim.calls]
+
+
+def time_model(name: str, device: torch.device, args: argparse.Namespace) -> None:
+    model = timm.create_model(name).to(device)
+    to_channels_last(model)
+    size = model.pretrained_cfg['input_size'][1:]
+    x_infer = torch.randn(args.infer_batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
+    x_train = x_infer[:args.train_batch]
+    target = torch.randint(0, model.num_classes, (args.train_batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    used = callers(model.eval(), x_infer)
+    variants: Dict[str, List[str]] = {'sdpa': [], **{m.split('.')[-1]: [m] for m in used}}
+    if len(used) > 1:
+        variants['all'] = used
+
+    def infer() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16):
+            model(x_infer)
+
+    def train() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x_train), target)
+        loss.backward()
+        opt.step()
+
+    for phase, step in (('infer', infer), ('train', train)):
+        model.train(phase == 'train')
+        times: Dict[str, List[float]] = {v: [] for v in variants}
+        for modules in variants.values():
+            set_explicit(modules)
+            for _ in range(3):
+                step()
+        for _ in range(args.rounds):
+            for variant, modules in variants.items():
+                set_explicit(modules)
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                torch.cuda.synchronize()
+                times[variant].append((time.perf_counter() - start) * 1e3 / args.steps)
+        set_explicit([])
+        median = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
+        cells = [f'{v} {ms:.2f} ms (x {median["sdpa"] / ms:.3f})' for v, ms in median.items()]
+        print(f'{name} {phase}, median of {args.rounds} interleaved rounds: ' + ', '.join(cells), flush=True)
+
+
+def check(device: str) -> None:
+    q, k, v = torch.randn(3, 2, 5, 8, device=device), torch.randn(3, 2, 6, 8, device=device), \
+        torch.randn(3, 2, 6, 4, device=device)
+    mask = torch.randn(2, 5, 6, device=device)
+    for kwargs in ({}, dict(attn_mask=mask), dict(attn_mask=mask, scale=0.3)):
+        want = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        torch.testing.assert_close(explicit_attention(q, k, v, **kwargs), want)
+    print('check: explicit attention equals SDPA (masks, scales)', flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+',
+                        default=['az_litv2_s', 'az_agent_pvt_t', 'az_agent_swin_t', 'az_davit_tiny', 'az_stvit_s'])
+    parser.add_argument('--infer-batch', type=int, default=256)
+    parser.add_argument('--train-batch', type=int, default=128)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--check', action='store_true', help='the explicit attention against SDPA only')
+    args = parser.parse_args()
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    check(device.type)
+    if args.check or device.type != 'cuda':
+        return
+    for name in args.models:
+        time_model(name, device, args)
+        torch.cuda.empty_cache()
+
+
+if __name__ == '__main__':
+    main()
