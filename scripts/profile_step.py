@@ -12,7 +12,7 @@ products, convolutions, norms, elementwise, copies, ...) and the most expensive 
 
 Models come from timm (``az_*`` registered by attnzoo) or, as in ``benchmark.py``, from a user's
 function (``--peer-factory module:function[:label]`` imported from ``--peer-path``: the authors'
-code, kept outside the package); ``--compile`` profiles torch.compile'd models. Each training row
+code, kept outside the package); ``--compile`` profiles torch.compile'd models. Each row on a GPU
 also gives the peak memory of its timed steps. Run on a GPU: on the CPU only the wall clock and the
 profiler's CPU time are meaningful.
 """
