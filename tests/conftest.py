@@ -1,4 +1,7 @@
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -9,6 +12,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
 import attnzoo  # noqa: E402,F401  (registers the az_* models with timm)
+
+SCRIPTS = Path(__file__).resolve().parents[1] / 'scripts'
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module, loaded from its file the way ``python scripts/<name>.py``
+    sees it (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f'attnzoo_{name}_script', SCRIPTS / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

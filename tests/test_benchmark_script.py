@@ -1,16 +1,14 @@
 """scripts/benchmark.py end to end on CPU, at a size small enough for CI: one zoo model against its timm peer."""
-import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import timm
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'benchmark.py'
+from .conftest import load_script
 
 TINY_RUN = [
     '--models', 'az_shvit_s1', '--peers', 'shvit_s1', '--device', 'cpu', '--img-size', '64',
@@ -20,11 +18,7 @@ TINY_RUN = [
 
 @pytest.fixture(scope='module')
 def bench() -> ModuleType:
-    # scripts/ is not a package; load the file the way `python scripts/benchmark.py` would see it.
-    spec = importlib.util.spec_from_file_location('attnzoo_benchmark_script', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('benchmark')
 
 
 @pytest.fixture(autouse=True)

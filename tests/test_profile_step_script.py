@@ -1,12 +1,10 @@
 """scripts/profile_step.py on the CPU: timm models and user-built peers in one run, results in JSON."""
-import importlib.util
 import json
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'scripts' / 'profile_step.py'
+from .conftest import load_script
 
 # a peer as an author's code would be: no timm attributes (num_classes, pretrained_cfg)
 PEER_MODULE = '''
@@ -21,11 +19,7 @@ def tiny_net():
 
 @pytest.fixture(scope='module')
 def prof() -> ModuleType:
-    # scripts/ is not a package; load the file the way `python scripts/profile_step.py` would see it
-    spec = importlib.util.spec_from_file_location('attnzoo_profile_step_script', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('profile_step')
 
 
 def test_models_and_peer_factories_profile_in_one_run(prof, tmp_path, capsys):

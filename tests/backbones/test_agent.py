@@ -8,9 +8,7 @@ Agent-Swin keeps Swin's ``layers.i`` (patch merging at the end of a stage) with
 ``relative_position_index`` buffers and, in shifted blocks, ``attn_mask`` buffers; Agent-DeiT is
 timm's ViT layout. All under ``{'model': sd}``.
 """
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import timm
@@ -19,9 +17,7 @@ from safetensors.torch import load_file
 
 from attnzoo.blocks.agent import ShiftedWindowAttention
 
-from ..conftest import randomize_
-
-ROOT = Path(__file__).resolve().parents[2]
+from ..conftest import load_script, randomize_
 
 
 def _official_bias(k, v):
@@ -93,10 +89,7 @@ def _check_official_keys(official, expected_shapes):
 
 
 def _convert_script():
-    spec = importlib.util.spec_from_file_location('convert_checkpoint', ROOT / 'scripts' / 'convert_checkpoint.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('convert_checkpoint')
 
 
 def _check_convert_script(name, official_file, model, tmp_path):

@@ -1,9 +1,7 @@
 """STViT: checkpoints in the official layout (hhb072/STViT) load strictly and give our model's
 logits, the dropped unfold/fold kernels account for the parameter-count difference, and the model
 runs at sizes that are not multiples of the super-token grid."""
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import timm
@@ -13,9 +11,7 @@ import attnzoo
 from attnzoo.backbones import PretrainedWeightsNotFoundError
 from attnzoo.backbones.stvit import checkpoint_filter_fn, paper_results
 
-from ..conftest import randomize_
-
-SCRIPT = Path(__file__).resolve().parents[2] / 'scripts' / 'convert_checkpoint.py'
+from ..conftest import load_script, randomize_
 
 # layers.0.blocks.0 and layers.0.downsample of the official stvit_small, as its code creates them
 OFFICIAL_SMALL_BLOCK = {
@@ -113,9 +109,7 @@ def test_official_checkpoint_with_layer_scale_loads_strictly(tmp_path):
 
 
 def test_convert_script_takes_the_model_weights_of_an_official_release_file(tmp_path):
-    spec = importlib.util.spec_from_file_location('attnzoo_convert_script', SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script('convert_checkpoint')
 
     source = randomize_(timm.create_model('az_stvit_s')).eval()
     official = to_official(source.state_dict())

@@ -2,10 +2,8 @@
 synthetic shapes-COCO split, written under torchmetrics' names."""
 import contextlib
 import copy
-import importlib.util
 import io
 import json
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -17,7 +15,8 @@ from pycocotools.cocoeval import COCOeval
 
 from attnzoo.recipes.data.coco import write_shapes_coco
 
-SCRIPT = Path(__file__).resolve().parents[2] / 'scripts' / 'eval_coco.py'
+from ..conftest import load_script
+
 # pycocotools' mask code trips numpy 2's copy-keyword notice on every call
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning:pycocotools')
 NAMES = ['map', 'map_50', 'map_75', 'map_small', 'map_medium', 'map_large',
@@ -26,10 +25,7 @@ NAMES = ['map', 'map_50', 'map_75', 'map_small', 'map_medium', 'map_large',
 
 @pytest.fixture(scope='module')
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location('attnzoo_eval_coco_script', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('eval_coco')
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,5 @@
 """scripts/eval_imagenet.py on a generated ImageNet-layout folder: timm validate.py's numbers, one row per
 model, and a clear failure for each thing a user can get wrong."""
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
@@ -16,9 +15,8 @@ from torchvision.datasets import ImageFolder
 
 from attnzoo.zoo import save_pretrained
 
-from ..conftest import randomize_
+from ..conftest import load_script, randomize_
 
-SCRIPT = Path(__file__).resolve().parents[2] / 'scripts' / 'eval_imagenet.py'
 NUM_CLASSES = 8
 NUM_IMAGES = 48
 # validate.py's data flags, given to the script and resolved the same way in the oracle
@@ -28,10 +26,7 @@ DATA_FLAGS = ['--img-size', '64', '--crop-pct', '0.9', '--interpolation', 'bilin
 
 @pytest.fixture(scope='module')
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location('attnzoo_eval_imagenet_script', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('eval_imagenet')
 
 
 @pytest.fixture(autouse=True)

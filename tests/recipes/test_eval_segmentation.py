@@ -1,8 +1,6 @@
 """Segmentation evaluation as mmseg defines it: dataset-level mIoU/mAcc/aAcc on hand-made label maps,
 ADE20K's zero-label shift, sliding windows and multi-scale + flip."""
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +14,8 @@ from attnzoo.recipes.evaluation.segmentation import (
     reduce_zero_label,
     seg_logits,
 )
+
+from ..conftest import load_script
 
 I = 255  # noqa: E741  (the ignore label, short so the maps below line up)
 
@@ -108,7 +108,6 @@ def test_meter_refuses_what_it_cannot_measure():
         meter.compute()
 
 
-SCRIPT = Path(__file__).resolve().parents[2] / 'scripts' / 'eval_segmentation.py'
 SMALL = dict(channels=16, fpn_channels=16)
 
 
@@ -145,9 +144,7 @@ def test_script_end_to_end_on_the_synthetic_set_and_a_saved_model(tmp_path, caps
     from attnzoo.recipes.data.segmentation import write_shapes_segmentation
     from attnzoo.zoo import save_pretrained
     from attnzoo.zoo.segmentation import create_segmentation_model
-    spec = importlib.util.spec_from_file_location('attnzoo_eval_segmentation_script', SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script('eval_segmentation')
 
     root = write_shapes_segmentation(tmp_path / 'shapes', num_train=0, num_val=4, size=(64, 96), seed=0)
     torch.manual_seed(0)

@@ -1,6 +1,5 @@
 """Hub I/O the way users meet it: save then load by local-dir:, load by hf-hub: from a hand-laid cache
 offline, a clear error for a missing file, and a model card that carries the evaluation results."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,9 +13,8 @@ import attnzoo
 from attnzoo.zoo import eval_results_from, from_pretrained, push_to_hub, save_pretrained
 from attnzoo.zoo.profile import count_gmacs
 
-from ..conftest import randomize_
+from ..conftest import load_script, randomize_
 
-SCRIPTS = Path(__file__).resolve().parents[2] / 'scripts'
 COMMIT = '0123456789abcdef0123456789abcdef01234567'
 
 
@@ -160,9 +158,7 @@ def test_push_to_hub_uploads_the_saved_folder(classifier, monkeypatch):
 
 
 def test_push_to_hub_script_dry_run_writes_a_folder_that_loads(classifier, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location('attnzoo_push_to_hub_script', SCRIPTS / 'push_to_hub.py')
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script('push_to_hub')
     checkpoint = tmp_path / 'best.pth'
     torch.save({'state_dict': classifier.state_dict()}, checkpoint)
     results = tmp_path / 'results.json'
