@@ -32,6 +32,8 @@ for step in $STEPS; do
   sdpax) timeout $limit python benchmarks/probes/sdpa_explicit.py > $O/sdpax.txt 2>&1 ;;
   sdpaxc) timeout $limit python benchmarks/probes/sdpa_explicit.py --compile --models az_litv2_s az_davit_tiny \
             > $O/sdpaxc.txt 2>&1 ;;
+  d512) timeout $limit python benchmarks/probes/dense_512.py > $O/d512.txt 2>&1 ;;
+  d512c) timeout $limit python benchmarks/probes/dense_512.py --compile > $O/d512c.txt 2>&1 ;;
   bgrad) timeout $limit python benchmarks/probes/bias_grad.py > $O/bgrad.txt 2>&1 ;;
   bcomp) timeout $limit python benchmarks/probes/bias_compile.py --variants as_is four_d > $O/bcomp.txt 2>&1 ;;
   # flex attention compiles per case (~50 s each): left out; the exact peers ran on 2026-11-30

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""DiNAT-T's backbone at 512x512 with UperNet's dilations against Swin-T's at 512, forward + backward.
+
+Why: issue 19's dense target, never measured: az_dinat_tiny as a segmentation backbone (the
+official UperNet setting: `create_dense_backbone('az_dinat_tiny', dense_cfg='upernet')`, its
+per-layer dilations) must run a forward + backward at least as fast as Swin-T's backbone (timm's
+`swin_tiny_patch4_window7_224` at img_size 512, window 7, features_only). The loss is the sum of
+every level's mean square, so the backward reaches every layer as a head's would. Eager and
+compiled, bf16 autocast, channels_last, the two backbones interleaved in rounds.
+
+    python benchmarks/probes/dense_512.py [--batch 16] [--compile]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+
+try:
+    import attnzoo  # noqa: F401
+except ImportError:
+    # a checkout that was never installed (the device's): the package lives in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import timm  # noqa: E402
+
+from attnzoo.zoo import create_dense_backbone  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
+from benchmark import to_channels_last  # noqa: E402
+
+
+def backbones(size: int) -> Dict[str, nn.Module]:
+    return {
+        'az_dinat_tiny upernet': create_dense_backbone('az_dinat_tiny', dense_cfg='upernet', drop_path_rate=0.),
+        'swin_tiny_patch4_window7_224': timm.create_model(
+            'swin_tiny_patch4_window7_224', img_size=size, features_only=True, drop_path_rate=0.),
+    }
+
+
+def make_step(model: nn.Module, x: torch.Tensor, compile: bool) -> Callable[[], None]:
+    runner = torch.compile(model) if compile else model
+
+    def step() -> None:
+        with torch.autocast(x.device.type, torch.bfloat16):
+            loss = sum(level.float().square().mean() for level in runner(x))
+        loss.backward()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--size', type=int, default=512)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
+    steps = {}
+    for name, model in backbones(args.size).items():
+        to_channels_last(model)
+        steps[name] = make_step(model.to(device).train(), x, args.compile)
+        steps[name]()  # compiles where asked, and builds the kernels' caches
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3 / args.steps)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    swin = median['swin_tiny_patch4_window7_224']
+    mode = 'compiled' if args.compile else 'eager'
+    for name, ms in median.items():
+        print(f'{name:36s} {mode}: forward+backward {ms:8.2f} ms at batch {args.batch} '
+              f'({args.size}x{args.size}), x {swin / ms:.3f} of Swin-T', flush=True)
+
+
+if __name__ == '__main__':
+    main()
