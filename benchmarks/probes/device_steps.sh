@@ -50,6 +50,10 @@ for step in $STEPS; do
        mode=auto; [ "${name%%_*}" = cr ] && mode=reference
        ATTNZOO_KERNELS=$mode timeout $limit $BENCH --compile compiled --json $O/$name.json --models $1 $peer \
          --pairs $1=$2 > $O/$name.txt 2>&1 ;;
+  # e_<ours>+<peer>[+timm]: the eager pair, interleaved (e.g. e_az_dinat_tiny+swin_tiny_patch4_window7_224+timm)
+  e_*) set -- $(echo ${name#e_} | tr '+' ' ')
+       if [ "$3" = timm ]; then peer="--peers $2"; else peer="--peer-factory authors_peers:$2"; fi
+       timeout $limit $BENCH --interleave --json $O/$name.json --models $1 $peer --pairs $1=$2 > $O/$name.txt 2>&1 ;;
   # p_<ours>+<peer>[+timm]: both training steps profiled, with peak memory (where Agent-PVT's extra
   # memory and the Agent / LITv2 training gaps come from)
   p_*) set -- $(echo ${name#p_} | tr '+' ' ')
