@@ -200,11 +200,20 @@ def _build(source: Union[str, PeerFactory], args: argparse.Namespace) -> Tuple[s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # fail before anything is built or profiled
+    if not args.models and not args.peer_factory:
+        parser.error('give --models, --peer-factory or both')
+    unknown = [name for name in args.models if not timm.is_model(name)]
+    if unknown:
+        parser.error(f'unknown model name(s): {", ".join(unknown)}')
     sys.path[:0] = [str(Path(p).resolve()) for p in args.peer_path]
-    sources: List[Union[str, PeerFactory]] = [*args.models, *(load_peer_factory(s) for s in args.peer_factory)]
-    if not sources:
-        raise SystemExit('profile_step.py: give --models, --peer-factory or both')
+    try:
+        factories = [load_peer_factory(spec) for spec in args.peer_factory]
+    except ValueError as exc:
+        parser.error(str(exc))
+    sources: List[Union[str, PeerFactory]] = [*args.models, *factories]
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     phases = ('train', 'infer') if args.phase == 'both' else (args.phase,)
     results = []

@@ -36,6 +36,13 @@ def test_models_and_peer_factories_profile_in_one_run(prof, tmp_path, capsys):
     assert '== mine train: wall' in capsys.readouterr().out
 
 
-def test_nothing_to_profile_is_an_error(prof):
-    with pytest.raises(SystemExit, match='--models, --peer-factory'):
-        prof.main(['--phase', 'train'])
+@pytest.mark.parametrize('argv, message', [
+    ([], '--models, --peer-factory'),
+    (['--models', 'no_such_model_xyz'], 'unknown model name'),
+    (['--peer-factory', 'no_such_module_xyz:fn'], 'cannot import'),
+    (['--peer-factory', 'nocolon'], 'MODULE:FUNCTION'),
+])
+def test_bad_arguments_stop_before_anything_runs(prof, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        prof.main(argv)
+    assert message in capsys.readouterr().err
