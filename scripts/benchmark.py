@@ -280,17 +280,18 @@ def make_jobs(models: Sequence[str], peers: Sequence[str], compile_opt: Optional
     return [Job(name, role, compiled, factory) for name, role, factory in named for compiled in variants]
 
 
-def create_benchmark_model(name: str, img_size: Optional[int]) -> nn.Module:
-    """Create ``name`` with random weights, built for ``img_size`` when the architecture needs to know it."""
+def create_benchmark_model(name: str, img_size: Optional[int], **kwargs: Any) -> nn.Module:
+    """Create ``name`` with random weights, built for ``img_size`` when the architecture needs to know
+    it; ``kwargs`` go to ``timm.create_model``."""
     if img_size is not None:
         try:
             # ViT- and Swin-style models size position embeddings and window grids at construction.
-            return timm.create_model(name, img_size=img_size)
+            return timm.create_model(name, img_size=img_size, **kwargs)
         except TypeError as exc:
             # Convolutional and hybrid families take any resolution and have no img_size argument.
             if 'img_size' not in str(exc):
                 raise
-    return timm.create_model(name)
+    return timm.create_model(name, **kwargs)
 
 
 def count_params(model: nn.Module) -> int:
@@ -382,9 +383,11 @@ def to_channels_last(model: nn.Module) -> None:
 
 
 class ModelBenchmark:
-    """Inference and train-step measurements of one model under the run's settings."""
+    """Inference and train-step measurements of one model under the run's settings; ``model_kwargs``
+    go to ``timm.create_model`` (not to a factory)."""
 
-    def __init__(self, job: Job, args: argparse.Namespace, device: torch.device):
+    def __init__(self, job: Job, args: argparse.Namespace, device: torch.device,
+                 model_kwargs: Optional[Dict[str, Any]] = None):
         self.job = job
         self.args = args
         self.device = device
@@ -392,7 +395,7 @@ class ModelBenchmark:
         if job.factory is not None:
             self.model = job.factory.build(args.img_size)
         else:
-            self.model = create_benchmark_model(job.name, args.img_size)
+            self.model = create_benchmark_model(job.name, args.img_size, **(model_kwargs or {}))
         in_chans, *default_hw = resolve_data_config({}, model=self.model)['input_size']
         hw = (args.img_size, args.img_size) if args.img_size is not None else tuple(default_hw)
         self.input_size: Tuple[int, int, int] = (in_chans,) + hw

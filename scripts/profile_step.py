@@ -22,13 +22,11 @@ import re
 import sys
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 try:
@@ -37,9 +35,9 @@ except ImportError:  # a checkout that was never installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import attnzoo  # noqa: F401
 
-# the benchmark's peer factories and layout conversion, so both scripts build and lay out a model alike
+# the benchmark's models, peer factories and steps, so both scripts measure the same steps
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import PeerFactory, load_peer_factory, to_channels_last  # noqa: E402
+from benchmark import Job, ModelBenchmark, load_peer_factory  # noqa: E402
 
 # kernel kinds by name, first match wins; what matches none is 'other'
 KINDS: Tuple[Tuple[str, str], ...] = (
@@ -96,45 +94,6 @@ def _device_time_us(evt: Any) -> float:
     return 0.
 
 
-def make_step(model: torch.nn.Module, args: argparse.Namespace, phase: str, device: torch.device,
-              input_size: Tuple[int, int, int]) -> Callable[[], None]:
-    """One training step (forward, cross-entropy, backward, SGD) or one inference forward."""
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.amp else nullcontext()
-    runner = torch.compile(model, dynamic=False) if args.compile else model
-    if phase == 'infer':
-        model.eval()
-        x = torch.randn(args.batch_size, *input_size, device=device).contiguous(memory_format=fmt)
-
-        def step() -> None:
-            with torch.inference_mode(), amp:
-                runner(x)
-        return step
-    model.train()
-    x = torch.randn(args.train_batch_size, *input_size, device=device).contiguous(memory_format=fmt)
-    num_classes = getattr(model, 'num_classes', 0) or getattr(model, 'num_features', 0) or _output_width(model, x)
-    target = torch.randint(0, num_classes, (args.train_batch_size,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with amp:
-            loss = F.cross_entropy(runner(x), target)
-        loss.backward()
-        opt.step()
-    return step
-
-
-def _output_width(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """The width of a model's output (its classes), from one forward of two images."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        width = model(x[:2]).shape[-1]
-    model.train(was_training)
-    return width
-
-
 def profile_step(step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     for _ in range(args.warmup):
         step()
@@ -185,20 +144,6 @@ def report(label: str, r: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def _build(source: Union[str, PeerFactory], args: argparse.Namespace) -> Tuple[str, torch.nn.Module]:
-    """The row's label and its model: a timm name, or a peer factory."""
-    if isinstance(source, PeerFactory):
-        return source.label, source.build(args.img_size)
-    kwargs = dict(args.model_kwargs)
-    if args.img_size is not None:
-        kwargs['img_size'] = args.img_size
-    try:
-        return source, timm.create_model(source, **kwargs)
-    except TypeError:  # a model that fixes no input size takes no img_size
-        kwargs.pop('img_size', None)
-        return source, timm.create_model(source, **kwargs)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -213,28 +158,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         factories = [load_peer_factory(spec) for spec in args.peer_factory]
     except ValueError as exc:
         parser.error(str(exc))
-    sources: List[Union[str, PeerFactory]] = [*args.models, *factories]
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     phases = ('train', 'infer') if args.phase == 'both' else (args.phase,)
+    jobs = [Job(name, 'model', args.compile) for name in args.models]
+    jobs += [Job(f.label, 'peer', args.compile, f) for f in factories]
     results = []
-    for source in sources:
-        name, model = _build(source, args)
-        size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
-        input_size = (size[0], args.img_size, args.img_size) if args.img_size else tuple(size)
-        if args.channels_last:
-            to_channels_last(model)
-        model.to(device)
+    for job in jobs:
+        # the benchmark's own model and steps: the same layout, autocast, optimizer and compile
+        bench = ModelBenchmark(job, args, device, model_kwargs=args.model_kwargs)
         for phase in phases:
-            label = f'{name} {phase}' + (' compiled' if args.compile else '')
-            r = profile_step(make_step(model, args, phase, device, input_size), args, device)
+            label = f'{job.name} {phase}' + (' compiled' if args.compile else '')
+            step = bench.train_step() if phase == 'train' else bench.inference_step()
+            r = profile_step(step, args, device)
             print(report(label, r), flush=True)
-            results.append(dict(model=name, phase=phase, compiled=args.compile, **r))
+            results.append(dict(model=job.name, phase=phase, compiled=args.compile, **r))
             if args.json:  # written as results come, so a run cut short keeps what it measured
                 meta = dict(torch=torch.__version__, timm=timm.__version__, argv=list(argv or sys.argv[1:]),
                             device=torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',
-                            peer_sources={f.label: f.source for f in sources if isinstance(f, PeerFactory)})
+                            peer_sources={f.label: f.source for f in factories})
                 Path(args.json).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-        del model
+        del bench
         if device.type == 'cuda':
             torch.cuda.empty_cache()
     return 0
