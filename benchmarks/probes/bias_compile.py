@@ -26,6 +26,7 @@ convolutions too, and their window bias (4-D, batch-sized where shifted) is not 
 Each variant is checked against the eager step's loss (bf16) as well as for running.
 """
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -40,9 +41,7 @@ except ImportError:
     # a checkout that was never installed (the device's): the package lives in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import timm  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
-from benchmark import to_channels_last  # noqa: E402
+from probe_shared import SdpaShim, to_channels_last  # noqa: E402
 
 
 def _four_d(mask: torch.Tensor) -> torch.Tensor:
@@ -61,19 +60,12 @@ VARIANTS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-class _Shim:
-    """``torch.nn.functional`` with its SDPA rewriting the mask: set as the blocks' ``F``."""
-
-    def __init__(self, rewrite: Callable[[torch.Tensor], torch.Tensor]):
-        self.rewrite = rewrite
-
-    def __getattr__(self, name: str):
-        return getattr(F, name)
-
-    def scaled_dot_product_attention(self, q, k, v, attn_mask: Optional[torch.Tensor] = None, **kwargs):
-        if attn_mask is not None:
-            attn_mask = self.rewrite(attn_mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
+def _sdpa_rewriting(rewrite: Callable[[torch.Tensor], torch.Tensor], q, k, v,
+                    attn_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+    """SDPA with its mask rewritten first."""
+    if attn_mask is not None:
+        attn_mask = rewrite(attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kwargs)
 
 
 class _DenseProbe(torch.nn.Module):
@@ -114,7 +106,7 @@ def main() -> None:
         eager = step(model, x)
         for variant in args.variants:
             for module in modules:
-                module.F = _Shim(VARIANTS[variant])
+                module.F = SdpaShim(functools.partial(_sdpa_rewriting, VARIANTS[variant]))
             torch._dynamo.reset()
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()

@@ -26,14 +26,13 @@ If a variant wins the whole step, it goes into the package as an op with a refer
 tests; the probe goes.
 """
 import argparse
+import functools
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -42,10 +41,7 @@ try:
 except ImportError:
     # a checkout that was never installed (the device's): the package lives in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import timm  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
-from benchmark import to_channels_last  # noqa: E402
+from probe_shared import interleaved_ms, model_bench  # noqa: E402
 
 
 @triton.jit
@@ -173,46 +169,16 @@ def micro(device: torch.device) -> None:
         print(f'{M:>8d} x {N:<5d}' + ''.join(f'{c:>18s}' for c in cells), flush=True)
 
 
-def _train_step(name: str, device: torch.device, batch: int) -> Callable[[], None]:
-    model = timm.create_model(name).to(device)
-    to_channels_last(model)
-    model.train()
-    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    target = torch.randint(0, model.num_classes, (batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, torch.bfloat16):
-            loss = F.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
-    return step
-
-
 def whole_steps(names: List[str], device: torch.device, batch: int, rounds: int, steps: int) -> None:
-    variants = [None, *COLSUMS]
+    variants: List[Optional[str]] = [None, *COLSUMS]
     for name in names:
-        step = _train_step(name, device, batch)
-        times: Dict[Optional[str], List[float]] = {v: [] for v in variants}
-        for variant in variants:  # warm-up, Triton compiles included
-            patch_linear(variant)
-            for _ in range(3):
-                step()
-        for _ in range(rounds):
-            for variant in variants:
-                patch_linear(variant)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                torch.cuda.synchronize()
-                times[variant].append((time.perf_counter() - start) * 1e3 / steps)
+        step = model_bench(name, device, train_batch=batch).train_step()
+        # the warm-up of each variant compiles its Triton kernels
+        runs = {v: (functools.partial(patch_linear, v), step) for v in variants}
+        median = interleaved_ms(runs, rounds, steps, device)
         patch_linear(None)
-        base = sorted(times[None])[rounds // 2]
-        cells = [f'{v or "nn.Linear"} {sorted(t)[rounds // 2]:.2f} ms (x {base / sorted(t)[rounds // 2]:.3f})'
-                 for v, t in times.items()]
-        print(f'{name} train step, median of {rounds} interleaved rounds: ' + ', '.join(cells), flush=True)
+        cells = [f'{v or "nn.Linear"} {ms:.2f} ms (x {median[None] / ms:.3f})' for v, ms in median.items()]
+        print(f'{name} train step, median step of {rounds} interleaved rounds: ' + ', '.join(cells), flush=True)
         del step
         torch.cuda.empty_cache()
 

@@ -12,9 +12,8 @@ compiled, bf16 autocast, channels_last, the two backbones interleaved in rounds.
 """
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
@@ -25,11 +24,9 @@ except ImportError:
     # a checkout that was never installed (the device's): the package lives in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import timm  # noqa: E402
+from probe_shared import interleaved_ms, to_channels_last  # noqa: E402
 
 from attnzoo.zoo import create_dense_backbone  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
-from benchmark import to_channels_last  # noqa: E402
 
 
 def backbones(size: int) -> Dict[str, nn.Module]:
@@ -60,23 +57,13 @@ def main() -> None:
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
-    steps = {}
+    runs = {}
     for name, model in backbones(args.size).items():
         to_channels_last(model)
-        steps[name] = make_step(model.to(device).train(), x, args.compile)
-        steps[name]()  # compiles where asked, and builds the kernels' caches
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            sync()
-            times[name].append((time.perf_counter() - start) * 1e3 / args.steps)
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+        # the warm-up compiles where asked, and builds the kernels' caches
+        runs[name] = (lambda: None, make_step(model.to(device).train(), x, args.compile))
+    median = interleaved_ms(runs, args.rounds, args.steps, device, warmup=1)
     swin = median['swin_tiny_patch4_window7_224']
     mode = 'compiled' if args.compile else 'eager'
     for name, ms in median.items():

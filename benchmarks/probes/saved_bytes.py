@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,10 +29,7 @@ try:
 except ImportError:
     # a checkout that was never installed (the device's): the package lives in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import timm  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
-from benchmark import PeerFactory, load_peer_factory, to_channels_last  # noqa: E402
+from probe_shared import load_peer_factory, model_bench  # noqa: E402
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> Dict[Tuple[str, str], int]:
@@ -74,12 +71,6 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> Dict[Tuple[str, str], int]
     return dict(totals)
 
 
-def build(source: Union[str, PeerFactory]) -> Tuple[str, nn.Module]:
-    if isinstance(source, PeerFactory):
-        return source.label, source.build(None)
-    return source, timm.create_model(source)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--models', nargs='+', default=[])
@@ -96,10 +87,9 @@ def main() -> None:
         memory_format=torch.channels_last)
     results = {}
     for source in sources:
-        label, model = build(source)
-        to_channels_last(model)
-        results[label] = saved_bytes(model.to(args.device).train(), x)
-        del model
+        bench = model_bench(source, torch.device(args.device))
+        results[bench.job.name] = saved_bytes(bench.model.train(), x)
+        del bench
     mib = 2 ** 20
     for label, totals in results.items():
         print(f'{label}: {sum(totals.values()) / mib:.1f} MiB saved for backward (batch {args.batch}, '

@@ -20,10 +20,10 @@ over LITv2's 4-token windows into its own kernels where SDPA stays one opaque ca
 for LITv2-S's compiled inference at 0.88x the authors' code.
 """
 import argparse
+import functools
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +33,7 @@ try:
 except ImportError:
     # a checkout that was never installed (the device's): the package lives in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import timm  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
-from benchmark import to_channels_last  # noqa: E402
+from probe_shared import SdpaShim, interleaved_ms, model_bench  # noqa: E402
 
 # the package's modules that call F.scaled_dot_product_attention (the kernel ops shadow their
 # modules' names in attnzoo.kernels, hence sys.modules)
@@ -55,29 +52,15 @@ def explicit_attention(q, k, v, attn_mask=None, dropout_p=0., is_causal=False, s
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-class _Shim:
-    """``torch.nn.functional`` with another SDPA (and a call count): set as a module's ``F``."""
-
-    def __init__(self, sdpa: Callable):
-        self.sdpa, self.calls = sdpa, 0
-
-    def __getattr__(self, name: str):
-        return getattr(F, name)
-
-    def scaled_dot_product_attention(self, *args, **kwargs):
-        self.calls += 1
-        return self.sdpa(*args, **kwargs)
-
-
 def set_explicit(modules: List[str]) -> None:
     """The explicit products in ``modules``, SDPA everywhere else."""
     for name in MODULES:
-        sys.modules[name].F = _Shim(explicit_attention) if name in modules else F
+        sys.modules[name].F = SdpaShim(explicit_attention) if name in modules else F
 
 
 def callers(model: torch.nn.Module, x: torch.Tensor) -> List[str]:
     """The modules whose SDPA calls a forward of ``model`` makes."""
-    shims = {name: _Shim(F.scaled_dot_product_attention) for name in MODULES}
+    shims = {name: SdpaShim() for name in MODULES}
     for name, shim in shims.items():
         sys.modules[name].F = shim
     try:
@@ -89,55 +72,24 @@ def callers(model: torch.nn.Module, x: torch.Tensor) -> List[str]:
 
 
 def time_model(name: str, device: torch.device, args: argparse.Namespace) -> None:
-    model = timm.create_model(name).to(device)
-    to_channels_last(model)
-    size = model.pretrained_cfg['input_size'][1:]
-    x_infer = torch.randn(args.infer_batch, 3, *size, device=device).contiguous(memory_format=torch.channels_last)
-    x_train = x_infer[:args.train_batch]
-    target = torch.randint(0, model.num_classes, (args.train_batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-    used = callers(model.eval(), x_infer)
+    bench = model_bench(name, device, args.infer_batch, args.train_batch, compiled=args.compile)
+    used = callers(bench.model.eval(), torch.randn(2, *bench.input_size, device=device))
     if args.compile:
+        # the modules' F is a guarded global: one graph per variant
         variants: Dict[str, List[str]] = {'sdpa': [], 'all': used}
-        runner = torch.compile(model)  # the modules' F is a guarded global: one graph per variant
     else:
         variants = {'sdpa': [], **{m.split('.')[-1]: [m] for m in used}}
         if len(used) > 1:
             variants['all'] = used
-        runner = model
-
-    def infer() -> None:
-        with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
-            runner(x_infer)
-
-    def train() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(runner(x_train), target)
-        loss.backward()
-        opt.step()
-
-    for phase, step in (('infer', infer), ('train', train)):
-        model.train(phase == 'train')
-        times: Dict[str, List[float]] = {v: [] for v in variants}
-        for modules in variants.values():
-            set_explicit(modules)
-            for _ in range(3):
-                step()
-        for _ in range(args.rounds):
-            for variant, modules in variants.items():
-                set_explicit(modules)
-                torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                torch.cuda.synchronize()
-                times[variant].append((time.perf_counter() - start) * 1e3 / args.steps)
+    for phase in ('infer', 'train'):
+        # a step sets its model's mode when built, so each phase builds its own in turn
+        step = bench.inference_step() if phase == 'infer' else bench.train_step()
+        runs = {v: (functools.partial(set_explicit, modules), step) for v, modules in variants.items()}
+        median = interleaved_ms(runs, args.rounds, args.steps, device)
         set_explicit([])
-        median = {v: sorted(t)[len(t) // 2] for v, t in times.items()}
         cells = [f'{v} {ms:.2f} ms (x {median["sdpa"] / ms:.3f})' for v, ms in median.items()]
         label = f'{name} {phase}' + (' compiled' if args.compile else '')
-        print(f'{label}, median of {args.rounds} interleaved rounds: ' + ', '.join(cells), flush=True)
+        print(f'{label}, median step of {args.rounds} interleaved rounds: ' + ', '.join(cells), flush=True)
 
 
 def check(device: str) -> None:
