@@ -1,16 +1,19 @@
 """What several probes share: models and steps as ``scripts/benchmark.py`` builds them, interleaved
-timing by its ``time_iterations``, and a ``torch.nn.functional`` whose SDPA is swapped.
+timing by its ``time_iterations``, the names of the modules whose forward is running, and a
+``torch.nn.functional`` whose SDPA is swapped.
 
 Import it after the probe has made ``attnzoo`` importable (an uninstalled checkout: the repository
 root on ``sys.path``); it puts ``scripts/`` there itself.
 """
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Tuple, Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
@@ -42,6 +45,30 @@ def interleaved_ms(runs: Dict[str, Tuple[Callable[[], None], Callable[[], None]]
             setup()
             times[name] += time_iterations(step, 0, steps, device)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+@contextlib.contextmanager
+def module_stack(model: nn.Module) -> Iterator[List[str]]:
+    """While open, the list holds the names of the modules whose forward is running, innermost last
+    (``''`` for ``model`` itself); empty outside a forward, e.g. in the backward."""
+    stack: List[str] = []
+
+    def enter(name: str) -> Callable:
+        def hook(module, inputs) -> None:
+            stack.append(name)
+        return hook
+
+    def leave(module, inputs, output) -> None:  # returns None: a hook's result would replace the output
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
+    try:
+        yield stack
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class SdpaShim:

@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,7 @@ try:
 except ImportError:
     # a checkout that was never installed (the device's): the package lives in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from probe_shared import load_peer_factory, model_bench  # noqa: E402
+from probe_shared import load_peer_factory, model_bench, module_stack  # noqa: E402
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> Dict[Tuple[str, str], int]:
@@ -37,37 +37,24 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> Dict[Tuple[str, str], int]
 
     A storage saved by several ops, or under several modules, counts once, for the first module
     that saved it; parameters' storages are left out."""
-    names = {m: n for n, m in model.named_modules()}
-    stack: List[nn.Module] = [model]
+    modules = dict(model.named_modules())
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = set()
     totals: Dict[Tuple[str, str], int] = defaultdict(int)
-
-    def push(module, args):
-        stack.append(module)
-
-    def pop(module, args, output):
-        stack.pop()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in params and ptr not in seen:
             seen.add(ptr)
-            module = stack[-1]
-            path = '.'.join(names[module].split('.')[:2]) or '(top)'
-            totals[(path, type(module).__name__)] += storage.nbytes()
+            name = stack[-1]
+            path = '.'.join(name.split('.')[:2]) or '(top)'
+            totals[(path, type(modules[name]).__name__)] += storage.nbytes()
         return t
 
-    handles = [m.register_forward_pre_hook(push) for m in model.modules()]
-    handles += [m.register_forward_hook(pop) for m in model.modules()]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast(x.device.type, torch.bfloat16):
-                model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with module_stack(model) as stack, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(x.device.type, torch.bfloat16):
+            model(x)
     return dict(totals)
 
 

@@ -29,8 +29,7 @@ except ImportError:
 import timm  # noqa: E402
 
 # the benchmark's own layout conversion, so the step is laid out as the benchmark's
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
-from benchmark import to_channels_last  # noqa: E402
+from probe_shared import module_stack, to_channels_last  # noqa: E402
 
 _WATCHED = ('aten.add.', 'aten.add_.', 'aten.copy_.', 'aten.clone.', 'aten.mul.', 'aten._to_copy.')
 
@@ -73,27 +72,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     to_channels_last(model)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (args.batch,), device=device)
-    stack: List[str] = []
-
-    def enter(name: str):
-        def hook(module, inputs) -> None:
-            stack.append(name)
-        return hook
-
-    def leave(module, inputs, output) -> None:  # returns None: a hook's result would replace the output
-        stack.pop()
-
-    for name, module in model.named_modules():
-        module.register_forward_pre_hook(enter(name))
-        module.register_forward_hook(leave)
-
     def step() -> None:
         with torch.autocast(device, torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(x), target)
         loss.backward()
 
     step()  # first calls (cuDNN's search, Triton's compiles) outside the record
-    with _StridedOps(stack) as mode:
+    with module_stack(model) as stack, _StridedOps(stack) as mode:
         step()
     print(f'{args.model} on {device}, batch {args.batch} at {args.size}: '
           f'{sum(mode.counts.values())} strided or mixed-dtype elementwise ops in one training step')
