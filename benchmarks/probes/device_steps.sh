@@ -20,6 +20,13 @@ pack() { tar czf "$OUT/r.tgz" -C "$(dirname $O)" "$(basename $O)"; }
   echo "$(nproc) host threads, $(lscpu | sed -n 's/^Model name: *//p')"
 } > $O/gpu.txt 2>&1
 BENCH="python scripts/benchmark.py --amp --channels-last --peer-path benchmarks/probes ${PEERS:-.gpu/authors}"
+# a pair step, <kind>_<ours>+<peer>[+timm]: sets $ours, $other and $factory (the peer's --peer-factory
+# argument; empty for a timm peer)
+pair() {
+  set -- $(echo ${1#*_} | tr '+' ' ')
+  ours=$1 other=$2 factory=
+  [ "$3" = timm ] || factory="--peer-factory authors_peers:$2"
+}
 for step in $STEPS; do
   name=${step%@*}; limit=400; [ "$step" != "$name" ] && limit=${step#*@}
   echo "=== $name (limit $limit s) $(date +%T)"
@@ -45,24 +52,23 @@ for step in $STEPS; do
            --models az_dinat_tiny swin_tiny_patch4_window7_224 --json $O/cprof.json > $O/cprof.txt 2>&1 ;;
   # cr_: the same pair with every op's plain PyTorch reference (ATTNZOO_KERNELS=reference), which
   # inductor can fuse into its neighbours: whether our opaque kernels cost a model compiled
-  c_*|cr_*) set -- $(echo ${name#*_} | tr '+' ' ')
-       if [ "$3" = timm ]; then peer="--peers $2"; else peer="--peer-factory authors_peers:$2"; fi
+  c_*|cr_*) pair $name
        mode=auto; [ "${name%%_*}" = cr ] && mode=reference
-       ATTNZOO_KERNELS=$mode timeout $limit $BENCH --compile compiled --json $O/$name.json --models $1 $peer \
-         --pairs $1=$2 > $O/$name.txt 2>&1 ;;
+       ATTNZOO_KERNELS=$mode timeout $limit $BENCH --compile compiled --json $O/$name.json --models $ours \
+         ${factory:---peers $other} --pairs $ours=$other > $O/$name.txt 2>&1 ;;
   # e_<ours>+<peer>[+timm]: the eager pair, interleaved (e.g. e_az_dinat_tiny+swin_tiny_patch4_window7_224+timm)
-  e_*) set -- $(echo ${name#e_} | tr '+' ' ')
-       if [ "$3" = timm ]; then peer="--peers $2"; else peer="--peer-factory authors_peers:$2"; fi
-       timeout $limit $BENCH --interleave --json $O/$name.json --models $1 $peer --pairs $1=$2 > $O/$name.txt 2>&1 ;;
+  e_*) pair $name
+       timeout $limit $BENCH --interleave --json $O/$name.json --models $ours ${factory:---peers $other} \
+         --pairs $ours=$other > $O/$name.txt 2>&1 ;;
   # p_<ours>+<peer>[+timm]: both training steps profiled, with peak memory (where Agent-PVT's extra
   # memory and the Agent / LITv2 training gaps come from)
-  p_*) set -- $(echo ${name#p_} | tr '+' ' ')
-       if [ "$3" = timm ]; then peer="--models $1 $2"; else peer="--models $1 --peer-factory authors_peers:$2"; fi
-       timeout $limit python scripts/profile_step.py --amp --channels-last --phase train \
-         --peer-path benchmarks/probes ${PEERS:-.gpu/authors} $peer --json $O/$name.json > $O/$name.txt 2>&1 ;;
+  p_*) pair $name
+       timeout $limit python scripts/profile_step.py --amp --channels-last --phase train --peer-path \
+         benchmarks/probes ${PEERS:-.gpu/authors} --models $ours ${factory:-$other} --json $O/$name.json \
+         > $O/$name.txt 2>&1 ;;
   # s_<ours>+<peer>: what each training forward saves for its backward, by module
-  s_*) set -- $(echo ${name#s_} | tr '+' ' ')
-       timeout $limit python benchmarks/probes/saved_bytes.py --models $1 --peer-factory authors_peers:$2 \
+  s_*) pair $name
+       timeout $limit python benchmarks/probes/saved_bytes.py --models $ours $factory \
          --peer-path benchmarks/probes ${PEERS:-.gpu/authors} > $O/$name.txt 2>&1 ;;
   *) echo "unknown step $name" ;;
   esac
