@@ -8,7 +8,12 @@ per-layer dilations) must run a forward + backward at least as fast as Swin-T's 
 every level's mean square, so the backward reaches every layer as a head's would. Eager and
 compiled, bf16 autocast, channels_last, the two backbones interleaved in rounds.
 
-    python benchmarks/probes/dense_512.py [--batch 16] [--compile]
+    python benchmarks/probes/dense_512.py [--batch 16] [--compile] [--profile]
+
+First run (H100, 2026-12-07): DiNAT-T 0.52x Swin-T eager, 0.55x compiled, where at 224 its
+compiled training step was 0.90x and its na2d kernels take a quarter of it. ``--profile`` then
+prints each backbone's step by kernel (``scripts/profile_step.py``'s table: GPU busy against the
+wall, time by kind, the costliest kernels) to find what grows at 512.
 """
 import argparse
 import sys
@@ -25,6 +30,9 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import timm  # noqa: E402
 from probe_shared import interleaved_ms, to_channels_last  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
+from profile_step import profile_step, report  # noqa: E402
 
 from attnzoo.zoo import create_dense_backbone  # noqa: E402
 
@@ -54,6 +62,7 @@ def main() -> None:
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--profile', action='store_true', help='also profile each step by kernel')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -69,6 +78,10 @@ def main() -> None:
     for name, ms in median.items():
         print(f'{name:36s} {mode}: forward+backward {ms:8.2f} ms at batch {args.batch} '
               f'({args.size}x{args.size}), x {swin / ms:.3f} of Swin-T', flush=True)
+    if args.profile:
+        settings = argparse.Namespace(warmup=1, steps=args.steps, profiled_steps=2, top=14)
+        for name, (_, step) in runs.items():
+            print(report(f'{name} {mode} forward+backward', profile_step(step, settings, device)), flush=True)
 
 
 if __name__ == '__main__':

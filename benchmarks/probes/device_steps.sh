@@ -37,10 +37,11 @@ for step in $STEPS; do
            tests/kernels/test_attention_ops.py tests/kernels/test_layer_norm.py tests/kernels/test_depthwise_conv.py \
            tests/kernels/test_na2d_triton.py > $O/gtest.txt 2>&1 ;;
   sdpax) timeout $limit python benchmarks/probes/sdpa_explicit.py > $O/sdpax.txt 2>&1 ;;
-  sdpaxc) timeout $limit python benchmarks/probes/sdpa_explicit.py --compile --models az_litv2_s az_davit_tiny \
-            > $O/sdpaxc.txt 2>&1 ;;
+  # xc_<model>: sdpa_explicit.py compiled for one model (~100 s a variant, two variants)
+  xc_*) timeout $limit python benchmarks/probes/sdpa_explicit.py --compile --models ${name#xc_} > $O/$name.txt 2>&1 ;;
   d512) timeout $limit python benchmarks/probes/dense_512.py > $O/d512.txt 2>&1 ;;
   d512c) timeout $limit python benchmarks/probes/dense_512.py --compile > $O/d512c.txt 2>&1 ;;
+  d512p) timeout $limit python benchmarks/probes/dense_512.py --profile > $O/d512p.txt 2>&1 ;;
   bgrad) timeout $limit python benchmarks/probes/bias_grad.py > $O/bgrad.txt 2>&1 ;;
   bcomp) timeout $limit python benchmarks/probes/bias_compile.py --variants as_is four_d > $O/bcomp.txt 2>&1 ;;
   # flex attention compiles per case (~50 s each): left out; the exact peers ran on 2026-11-30
@@ -56,6 +57,15 @@ for step in $STEPS; do
        mode=auto; [ "${name%%_*}" = cr ] && mode=reference
        ATTNZOO_KERNELS=$mode timeout $limit $BENCH --compile compiled --json $O/$name.json --models $ours \
          ${factory:---peers $other} --pairs $ours=$other > $O/$name.txt 2>&1 ;;
+  # w_<pair>,<pair>,...: compile those pairs at once in the background, untimed, to fill inductor's
+  # caches so that each c_ step after it loads its graphs instead of compiling them (~100 s a model,
+  # most of a compiled pair's step); the GPU is shared meanwhile, so these rows are thrown away
+  w_*) for p in $(echo ${name#w_} | tr ',' ' '); do
+         pair x_$p
+         timeout $limit $BENCH --compile compiled --warmup 1 --iters 1 --models $ours ${factory:---peers $other} \
+           > $O/warm_$ours.txt 2>&1 &
+       done
+       wait ;;
   # e_<ours>+<peer>[+timm]: the eager pair, interleaved (e.g. e_az_dinat_tiny+swin_tiny_patch4_window7_224+timm)
   e_*) pair $name
        timeout $limit $BENCH --interleave --json $O/$name.json --models $ours ${factory:---peers $other} \
