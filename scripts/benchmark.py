@@ -82,6 +82,10 @@ _DEVICE_DEFAULTS: Dict[str, Dict[str, int]] = {
 
 _GIB = 1024 ** 3
 
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+# the modes whose compiled steps replay CUDA graphs
+CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -124,6 +128,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--compile', nargs='?', const='compiled', default=None, choices=('compiled', 'both'),
                         help="torch.compile every model; 'both' also keeps the eager rows, "
                              "labelled '<name> (compiled)' for the compiled ones.")
+    parser.add_argument('--compile-mode', default='default', choices=COMPILE_MODES,
+                        help="torch.compile's mode for --compile (default: 'default'). 'reduce-overhead' "
+                             "replays each step as CUDA graphs, which takes the host's launch time out "
+                             "of a launch-bound step: the GPU's own time, where 'default' measures a host "
+                             "too.")
     parser.add_argument('--warmup', type=int, default=None, metavar='N',
                         help='Untimed iterations per phase, which also absorb compilation '
                              '(default: 10 on CUDA, 3 on CPU).')
@@ -196,6 +205,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error('batch sizes and --iters must be >= 1 and --warmup >= 0')
     if args.compile and args.warmup < 1:
         parser.error('--compile needs --warmup >= 1 so that compilation is not timed')
+    if args.compile_mode != 'default' and not args.compile:
+        parser.error('--compile-mode needs --compile')
     return args
 
 
@@ -406,12 +417,20 @@ class ModelBenchmark:
         # FLOP counting (the counter does not see inside compiled graphs). Static shapes: the two
         # phases' batch sizes differ, and by default the second compile would make the batch
         # symbolic, which measured 1.3x-1.8x slower training (Swin-T 3100 vs 4311 img/s on an H200).
-        self.runner = torch.compile(self.model, dynamic=False) if job.compiled else self.model
+        mode = args.compile_mode if args.compile_mode != 'default' else None
+        self.runner = torch.compile(self.model, dynamic=False, mode=mode) if job.compiled else self.model
+        # CUDA graph trees reuse their output memory from one replay to the next: each step starts
+        # a new generation, so that a step's outputs are never read after the next has overwritten them
+        self._graph_steps = job.compiled and args.compile_mode in CUDA_GRAPH_MODES
 
     def _autocast(self) -> ContextManager:
         if self.args.amp:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+    def _begin_step(self) -> None:
+        if self._graph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _input(self, batch_size: int) -> torch.Tensor:
         x = torch.randn((batch_size,) + self.input_size, device=self.device)
@@ -427,6 +446,7 @@ class ModelBenchmark:
         x = self._input(self.args.batch_size)
 
         def step() -> None:
+            self._begin_step()
             with torch.inference_mode(), self._autocast():
                 self.runner(x)
 
@@ -464,6 +484,7 @@ class ModelBenchmark:
         target = torch.randint(0, num_classes, (self.args.train_batch_size,), device=self.device)
 
         def step() -> None:
+            self._begin_step()
             optimizer.zero_grad(set_to_none=True)
             with self._autocast():
                 loss = F.cross_entropy(self.runner(x), target)
@@ -774,7 +795,8 @@ def run_models(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print(f'device {meta["gpu"] or meta["cpu"]} ({device}, {torch.get_num_threads()} threads), torch '
           f'{torch.__version__}, timm {timm.__version__}, amp {"bf16" if args.amp else "off"}, channels_last '
           f'{args.channels_last}, batch {args.batch_size} infer / {train}, warmup {args.warmup}, iters '
-          f'{args.iters} (median{", interleaved" if args.interleave else ""})')
+          f'{args.iters} (median{", interleaved" if args.interleave else ""})'
+          + (f', compile mode {args.compile_mode}' if args.compile else ''))
     print(format_table(rows))
     if args.json:
         write_results(args.json, meta, rows)

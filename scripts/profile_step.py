@@ -37,7 +37,7 @@ except ImportError:  # a checkout that was never installed
 
 # the benchmark's models, peer factories and steps, so both scripts measure the same steps
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import Job, ModelBenchmark, load_peer_factory  # noqa: E402
+from benchmark import COMPILE_MODES, Job, ModelBenchmark, load_peer_factory  # noqa: E402
 
 # kernel kinds by name, first match wins; what matches none is 'other'
 KINDS: Tuple[Tuple[str, str], ...] = (
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (static shapes)')
+    p.add_argument('--compile-mode', default='default', choices=COMPILE_MODES,
+                   help="torch.compile's mode, as in benchmark.py ('reduce-overhead': CUDA graphs)")
     p.add_argument('--warmup', type=int, default=10)
     p.add_argument('--steps', type=int, default=20, help='timed steps for the wall clock (default 20)')
     p.add_argument('--profiled-steps', type=int, default=5)
@@ -150,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # fail before anything is built or profiled
     if not args.models and not args.peer_factory:
         parser.error('give --models, --peer-factory or both')
+    if args.compile_mode != 'default' and not args.compile:
+        parser.error('--compile-mode needs --compile')
     unknown = [name for name in args.models if not timm.is_model(name)]
     if unknown:
         parser.error(f'unknown model name(s): {", ".join(unknown)}')
@@ -167,11 +171,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # the benchmark's own model and steps: the same layout, autocast, optimizer and compile
         bench = ModelBenchmark(job, args, device, model_kwargs=args.model_kwargs)
         for phase in phases:
-            label = f'{job.name} {phase}' + (' compiled' if args.compile else '')
+            label = f'{job.name} {phase}' + (f' compiled ({args.compile_mode})' if args.compile else '')
             step = bench.train_step() if phase == 'train' else bench.inference_step()
             r = profile_step(step, args, device)
             print(report(label, r), flush=True)
-            results.append(dict(model=job.name, phase=phase, compiled=args.compile, **r))
+            results.append(dict(model=job.name, phase=phase, compiled=args.compile,
+                                compile_mode=args.compile_mode if args.compile else None, **r))
             if args.json:  # written as results come, so a run cut short keeps what it measured
                 meta = dict(torch=torch.__version__, timm=timm.__version__, argv=list(argv or sys.argv[1:]),
                             device=torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu',

@@ -260,3 +260,31 @@ def test_bad_peer_arguments_are_rejected_before_running(bench, extra, message, c
     with pytest.raises(SystemExit):
         bench.main(['--models', 'az_shvit_s1', '--peers', 'shvit_s1', '--device', 'cpu'] + extra)
     assert message in capsys.readouterr().err
+
+
+def test_compile_mode_needs_compile(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(['--models', 'az_shvit_s1', '--device', 'cpu', '--compile-mode', 'reduce-overhead'])
+    assert '--compile-mode needs --compile' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('mode, new_generations', [('default', 0), ('reduce-overhead', 2)])
+def test_compile_mode_reaches_torch_compile_and_graph_modes_start_a_generation_per_step(
+        bench, monkeypatch, mode, new_generations):
+    # torch.compile is lazy: the model is never compiled here, only built, and its steps run eager
+    compiled_with = {}
+
+    def fake_compile(model, **kwargs):
+        compiled_with.update(kwargs)
+        return model
+
+    marks = []
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    monkeypatch.setattr(torch.compiler, 'cudagraph_mark_step_begin', lambda: marks.append(1))
+    args = bench.parse_args(['--models', 'az_shvit_s1', '--device', 'cpu', '--img-size', '64', '--batch-size', '1',
+                             '--train-batch-size', '2', '--compile', '--compile-mode', mode])
+    model = bench.ModelBenchmark(bench.Job('az_shvit_s1', 'model', True), args, torch.device('cpu'))
+    assert compiled_with == dict(dynamic=False, mode=None if mode == 'default' else mode)
+    model.inference_step()()
+    model.train_step()()
+    assert len(marks) == new_generations

@@ -8,17 +8,20 @@ per-layer dilations) must run a forward + backward at least as fast as Swin-T's 
 every level's mean square, so the backward reaches every layer as a head's would. Eager and
 compiled, bf16 autocast, channels_last, the two backbones interleaved in rounds.
 
-    python benchmarks/probes/dense_512.py [--batch 16] [--compile] [--profile]
+    python benchmarks/probes/dense_512.py [--batch 16] [--compile [MODE]] [--profile]
 
 First run (H100, 2026-12-07): DiNAT-T 0.52x Swin-T eager, 0.55x compiled, where at 224 its
 compiled training step was 0.90x and its na2d kernels take a quarter of it. ``--profile`` then
 prints each backbone's step by kernel (``scripts/profile_step.py``'s table: GPU busy against the
-wall, time by kind, the costliest kernels) to find what grows at 512.
+wall, time by kind, the costliest kernels) to find what grows at 512. At batch 16 the steps may
+wait on the host's launches (DiNAT-T has 30 blocks to Swin-T's 12, and twice the launches per
+compiled step at 224): ``--compile reduce-overhead`` replays them as CUDA graphs, which leaves the
+GPU's own time.
 """
 import argparse
 import sys
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -29,10 +32,8 @@ except ImportError:
     # a checkout that was never installed (the device's): the package lives in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import timm  # noqa: E402
-from probe_shared import interleaved_ms, to_channels_last  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
-from profile_step import profile_step, report  # noqa: E402
+from probe_shared import COMPILE_MODES, CUDA_GRAPH_MODES, interleaved_ms, to_channels_last  # noqa: E402
+from profile_step import profile_step, report  # noqa: E402  (scripts/, on the path by probe_shared)
 
 from attnzoo.zoo import create_dense_backbone  # noqa: E402
 
@@ -45,10 +46,16 @@ def backbones(size: int) -> Dict[str, nn.Module]:
     }
 
 
-def make_step(model: nn.Module, x: torch.Tensor, compile: bool) -> Callable[[], None]:
-    runner = torch.compile(model) if compile else model
+def make_step(model: nn.Module, x: torch.Tensor, compile_mode: Optional[str]) -> Callable[[], None]:
+    """A forward + backward of ``model`` on ``x``: eager where ``compile_mode`` is None, else
+    compiled in that torch.compile mode."""
+    runner = model if compile_mode is None else torch.compile(
+        model, mode=None if compile_mode == 'default' else compile_mode)
+    graphs = compile_mode in CUDA_GRAPH_MODES
 
     def step() -> None:
+        if graphs:  # each step a new generation of CUDA graph trees, whose outputs the next overwrites
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(x.device.type, torch.bfloat16):
             loss = sum(level.float().square().mean() for level in runner(x))
         loss.backward()
@@ -61,7 +68,8 @@ def main() -> None:
     parser.add_argument('--size', type=int, default=512)
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--steps', type=int, default=5)
-    parser.add_argument('--compile', action='store_true')
+    parser.add_argument('--compile', nargs='?', const='default', default=None, choices=COMPILE_MODES,
+                        metavar='MODE', help=f'torch.compile both, in MODE (one of {COMPILE_MODES})')
     parser.add_argument('--profile', action='store_true', help='also profile each step by kernel')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
@@ -74,7 +82,7 @@ def main() -> None:
         runs[name] = (lambda: None, make_step(model.to(device).train(), x, args.compile))
     median = interleaved_ms(runs, args.rounds, args.steps, device, warmup=1)
     swin = median['swin_tiny_patch4_window7_224']
-    mode = 'compiled' if args.compile else 'eager'
+    mode = 'eager' if args.compile is None else f'compiled ({args.compile})'
     for name, ms in median.items():
         print(f'{name:36s} {mode}: forward+backward {ms:8.2f} ms at batch {args.batch} '
               f'({args.size}x{args.size}), x {swin / ms:.3f} of Swin-T', flush=True)

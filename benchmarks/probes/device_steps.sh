@@ -42,6 +42,10 @@ for step in $STEPS; do
   d512) timeout $limit python benchmarks/probes/dense_512.py > $O/d512.txt 2>&1 ;;
   d512c) timeout $limit python benchmarks/probes/dense_512.py --compile > $O/d512c.txt 2>&1 ;;
   d512p) timeout $limit python benchmarks/probes/dense_512.py --profile > $O/d512p.txt 2>&1 ;;
+  # compiled as CUDA graphs: the GPU's own time, without the host's launches (perf hints say
+  # which graphs, if any, could not be captured)
+  d512g) TORCH_LOGS=perf_hints timeout $limit python benchmarks/probes/dense_512.py --compile reduce-overhead \
+           > $O/d512g.txt 2>&1 ;;
   bgrad) timeout $limit python benchmarks/probes/bias_grad.py > $O/bgrad.txt 2>&1 ;;
   bcomp) timeout $limit python benchmarks/probes/bias_compile.py --variants as_is four_d > $O/bcomp.txt 2>&1 ;;
   # flex attention compiles per case (~50 s each): left out; the exact peers ran on 2026-11-30
@@ -53,10 +57,12 @@ for step in $STEPS; do
            --models az_dinat_tiny swin_tiny_patch4_window7_224 --json $O/cprof.json > $O/cprof.txt 2>&1 ;;
   # cr_: the same pair with every op's plain PyTorch reference (ATTNZOO_KERNELS=reference), which
   # inductor can fuse into its neighbours: whether our opaque kernels cost a model compiled
-  c_*|cr_*) pair $name
+  # g_: the same pair compiled in mode reduce-overhead (CUDA graphs)
+  c_*|cr_*|g_*) pair $name
        mode=auto; [ "${name%%_*}" = cr ] && mode=reference
-       ATTNZOO_KERNELS=$mode timeout $limit $BENCH --compile compiled --json $O/$name.json --models $ours \
-         ${factory:---peers $other} --pairs $ours=$other > $O/$name.txt 2>&1 ;;
+       cmode=default; [ "${name%%_*}" = g ] && cmode=reduce-overhead
+       TORCH_LOGS=perf_hints ATTNZOO_KERNELS=$mode timeout $limit $BENCH --compile compiled --compile-mode $cmode \
+         --json $O/$name.json --models $ours ${factory:---peers $other} --pairs $ours=$other > $O/$name.txt 2>&1 ;;
   # w_<pair>,<pair>,...: compile those pairs at once in the background, untimed, to fill inductor's
   # caches so that each c_ step after it loads its graphs instead of compiling them (~100 s a model,
   # most of a compiled pair's step); the GPU is shared meanwhile, so these rows are thrown away

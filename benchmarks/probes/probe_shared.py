@@ -17,7 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
-from benchmark import Job, ModelBenchmark, PeerFactory, load_peer_factory, time_iterations, to_channels_last  # noqa: E402,F401  (load_peer_factory, to_channels_last: re-exported)
+from benchmark import (  # noqa: E402,F401  (COMPILE_MODES, CUDA_GRAPH_MODES, load_peer_factory, to_channels_last: re-exported)
+    COMPILE_MODES,
+    CUDA_GRAPH_MODES,
+    Job,
+    ModelBenchmark,
+    PeerFactory,
+    load_peer_factory,
+    time_iterations,
+    to_channels_last,
+)
 
 
 def model_bench(source: Union[str, PeerFactory], device: torch.device, infer_batch: int = 256,
@@ -25,7 +34,7 @@ def model_bench(source: Union[str, PeerFactory], device: torch.device, infer_bat
     """A timm name or a peer factory as the benchmark runs it with ``--amp --channels-last``: its
     ``.model`` (on ``device``, laid out), ``.inference_step()`` and ``.train_step()``."""
     args = argparse.Namespace(img_size=None, channels_last=True, amp=True, batch_size=infer_batch,
-                              train_batch_size=train_batch, warmup=0, iters=0)
+                              train_batch_size=train_batch, warmup=0, iters=0, compile_mode='default')
     if isinstance(source, PeerFactory):
         return ModelBenchmark(Job(source.label, 'peer', compiled, source), args, device)
     return ModelBenchmark(Job(source, 'model', compiled), args, device)
