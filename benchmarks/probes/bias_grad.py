@@ -18,7 +18,12 @@ Three parts, each printed as it ends:
    small sum), and ``torch.mv`` by a ones vector (cuBLAS's GEMV).
 3. Whole training steps of ``--models`` (bf16, channels_last, batch 128), interleaved: nn.Linear
    as it is, against nn.Linear through one autograd function whose backward takes the bias
-   gradient from each of the three (``native`` there isolates the function's own host cost).
+   gradient from each of the three (``native`` there isolates the function's own host cost), and
+   ``lean``: the weight gradient's GEMM writing float32 itself (``mm``'s ``out_dtype``) and the
+   bias gradient summed straight into float32, two launches fewer per linear than PyTorch's
+   bf16 results and their casts to the parameters' float32. Eager steps on a slow host wait on
+   launches (~42 us each in DiNAT-T's step, `../2026-12-07-h100-dinat-dense-agent-compiled`), and
+   every block has four linears.
 
     python benchmarks/probes/bias_grad.py [--check] [--models az_davit_tiny az_litv2_s]
 
@@ -83,18 +88,26 @@ COLSUMS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     'triton': colsum_triton,
     'gemv': colsum_gemv,
 }
+# the whole-step variants: a column sum each, and `lean` (float32 results written directly)
+VARIANTS = (*COLSUMS, 'lean')
+
+
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of bf16 matrices as float32, written so by the GEMM on CUDA (``out_dtype``)."""
+    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else (a @ b).float()
 
 
 class _Linear(torch.autograd.Function):
     """``F.linear`` under autocast, as PyTorch computes it (inputs cast to autocast's dtype, the
-    casts' copies saved), with the bias gradient from ``colsum``."""
+    casts' copies saved), with the bias gradient from the column sum ``variant`` names, or with
+    float32 weight and bias gradients computed as such (``lean``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, dtype, colsum):
+    def forward(ctx, x, weight, bias, dtype, variant):
         xc, wc = x.reshape(-1, x.shape[-1]).to(dtype), weight.to(dtype)
         y = torch.addmm(bias.to(dtype), xc, wc.t())
         ctx.save_for_backward(xc, wc)
-        ctx.x_shape, ctx.x_dtype, ctx.colsum = x.shape, x.dtype, colsum
+        ctx.x_shape, ctx.x_dtype, ctx.variant = x.shape, x.dtype, variant
         return y.view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -104,8 +117,12 @@ class _Linear(torch.autograd.Function):
         if not g.is_contiguous():
             g = g.contiguous()
         gx = (g @ wc).view(ctx.x_shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        gw = (g.t() @ xc).float() if ctx.needs_input_grad[1] else None
-        gb = ctx.colsum(g).to(torch.bfloat16).float() if ctx.needs_input_grad[2] else None
+        if ctx.variant == 'lean':
+            gw = mm_float32(g.t(), xc) if ctx.needs_input_grad[1] else None
+            gb = g.sum(0, dtype=torch.float32) if ctx.needs_input_grad[2] else None
+        else:
+            gw = (g.t() @ xc).float() if ctx.needs_input_grad[1] else None
+            gb = COLSUMS[ctx.variant](g).to(torch.bfloat16).float() if ctx.needs_input_grad[2] else None
         return gx, gw, gb, None, None
 
 
@@ -113,11 +130,10 @@ _native_forward = nn.Linear.forward
 
 
 def patch_linear(variant: Optional[str]) -> None:
-    """Route every nn.Linear with a bias through ``_Linear`` with that column sum (None: PyTorch's)."""
+    """Route every nn.Linear with a bias through ``_Linear`` as ``variant`` (None: PyTorch's)."""
     if variant is None:
         nn.Linear.forward = _native_forward
         return
-    colsum = COLSUMS[variant]
 
     def forward(self, x):
         device = x.device.type
@@ -125,7 +141,7 @@ def patch_linear(variant: Optional[str]) -> None:
             return _native_forward(self, x)
         dtype = torch.get_autocast_dtype(device)
         with torch.autocast(device, enabled=False):
-            return _Linear.apply(x, self.weight, self.bias, dtype, colsum)
+            return _Linear.apply(x, self.weight, self.bias, dtype, variant)
     nn.Linear.forward = forward
 
 
@@ -148,7 +164,7 @@ def check(device: str) -> None:
         finally:
             patch_linear(None)
     want = grads(None)
-    for variant in COLSUMS:
+    for variant in VARIANTS:
         for w, gv in zip(want, grads(variant)):
             assert gv.dtype == w.dtype and gv.shape == w.shape
             torch.testing.assert_close(gv, w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
@@ -170,7 +186,7 @@ def micro(device: torch.device) -> None:
 
 
 def whole_steps(names: List[str], device: torch.device, batch: int, rounds: int, steps: int) -> None:
-    variants: List[Optional[str]] = [None, *COLSUMS]
+    variants: List[Optional[str]] = [None, *VARIANTS]
     for name in names:
         step = model_bench(name, device, train_batch=batch).train_step()
         # the warm-up of each variant compiles its Triton kernels
@@ -186,7 +202,7 @@ def whole_steps(names: List[str], device: torch.device, batch: int, rounds: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--check', action='store_true', help='correctness only (runs on the CPU too)')
-    parser.add_argument('--models', nargs='+', default=['az_davit_tiny', 'az_litv2_s'])
+    parser.add_argument('--models', nargs='+', default=['az_davit_tiny', 'az_litv2_s', 'az_dinat_tiny'])
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--steps', type=int, default=10)
