@@ -63,13 +63,17 @@ for step in $STEPS; do
        cmode=default; [ "${name%%_*}" = g ] && cmode=reduce-overhead
        TORCH_LOGS=perf_hints ATTNZOO_KERNELS=$mode timeout $limit $BENCH --compile compiled --compile-mode $cmode \
          --json $O/$name.json --models $ours ${factory:---peers $other} --pairs $ours=$other > $O/$name.txt 2>&1 ;;
-  # w_<pair>,<pair>,...: compile those pairs at once in the background, untimed, to fill inductor's
-  # caches so that each c_ step after it loads its graphs instead of compiling them (~100 s a model,
-  # most of a compiled pair's step); the GPU is shared meanwhile, so these rows are thrown away
-  w_*) for p in $(echo ${name#w_} | tr ',' ' '); do
+  # w_<pair>,<pair>,...: compile those pairs in the background, untimed, WARM_JOBS (default 4) at a
+  # time, to fill inductor's caches so that each c_ step after it loads its graphs instead of
+  # compiling them (~100 s a model, most of a compiled pair's step; nine at once on 16 host threads
+  # took ~200 s a model); the GPU is shared meanwhile, so these rows are thrown away
+  w_*) running=0
+       for p in $(echo ${name#w_} | tr ',' ' '); do
          pair x_$p
          timeout $limit $BENCH --compile compiled --warmup 1 --iters 1 --models $ours ${factory:---peers $other} \
            > $O/warm_$ours.txt 2>&1 &
+         running=$((running + 1))
+         if [ $running -ge ${WARM_JOBS:-4} ]; then wait -n; running=$((running - 1)); fi
        done
        wait ;;
   # e_<ours>+<peer>[+timm]: the eager pair, interleaved (e.g. e_az_dinat_tiny+swin_tiny_patch4_window7_224+timm)
