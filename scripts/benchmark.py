@@ -87,6 +87,19 @@ COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-
 CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')
 
 
+def compile_in_mode(model: nn.Module, mode: str, **kwargs: Any) -> nn.Module:
+    """``torch.compile(model, **kwargs)`` in ``mode``, one of ``COMPILE_MODES`` ('default': torch's own)."""
+    return torch.compile(model, mode=None if mode == 'default' else mode, **kwargs)
+
+
+def begin_compiled_step(mode: str) -> None:
+    """Call at the start of each step of a model compiled in ``mode``. CUDA graph trees reuse their
+    output memory from one replay to the next: each step starts a new generation, so that a step's
+    outputs are never read after the next has overwritten them."""
+    if mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description='Benchmark attnzoo models against timm peers, side by side in one process.',
@@ -417,11 +430,7 @@ class ModelBenchmark:
         # FLOP counting (the counter does not see inside compiled graphs). Static shapes: the two
         # phases' batch sizes differ, and by default the second compile would make the batch
         # symbolic, which measured 1.3x-1.8x slower training (Swin-T 3100 vs 4311 img/s on an H200).
-        mode = args.compile_mode if args.compile_mode != 'default' else None
-        self.runner = torch.compile(self.model, dynamic=False, mode=mode) if job.compiled else self.model
-        # CUDA graph trees reuse their output memory from one replay to the next: each step starts
-        # a new generation, so that a step's outputs are never read after the next has overwritten them
-        self._graph_steps = job.compiled and args.compile_mode in CUDA_GRAPH_MODES
+        self.runner = compile_in_mode(self.model, args.compile_mode, dynamic=False) if job.compiled else self.model
 
     def _autocast(self) -> ContextManager:
         if self.args.amp:
@@ -429,8 +438,8 @@ class ModelBenchmark:
         return nullcontext()
 
     def _begin_step(self) -> None:
-        if self._graph_steps:
-            torch.compiler.cudagraph_mark_step_begin()
+        if self.job.compiled:
+            begin_compiled_step(self.args.compile_mode)
 
     def _input(self, batch_size: int) -> torch.Tensor:
         x = torch.randn((batch_size,) + self.input_size, device=self.device)

@@ -187,5 +187,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             torch.cuda.empty_cache()
     return 0
 
+
 if __name__ == '__main__':
     sys.exit(main())

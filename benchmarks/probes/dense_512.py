@@ -32,7 +32,7 @@ except ImportError:
     # a checkout that was never installed (the device's): the package lives in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import timm  # noqa: E402
-from probe_shared import COMPILE_MODES, CUDA_GRAPH_MODES, interleaved_ms, to_channels_last  # noqa: E402
+from probe_shared import COMPILE_MODES, begin_compiled_step, compile_in_mode, interleaved_ms, to_channels_last  # noqa: E402
 from profile_step import profile_step, report  # noqa: E402  (scripts/, on the path by probe_shared)
 
 from attnzoo.zoo import create_dense_backbone  # noqa: E402
@@ -49,13 +49,11 @@ def backbones(size: int) -> Dict[str, nn.Module]:
 def make_step(model: nn.Module, x: torch.Tensor, compile_mode: Optional[str]) -> Callable[[], None]:
     """A forward + backward of ``model`` on ``x``: eager where ``compile_mode`` is None, else
     compiled in that torch.compile mode."""
-    runner = model if compile_mode is None else torch.compile(
-        model, mode=None if compile_mode == 'default' else compile_mode)
-    graphs = compile_mode in CUDA_GRAPH_MODES
+    runner = model if compile_mode is None else compile_in_mode(model, compile_mode)
 
     def step() -> None:
-        if graphs:  # each step a new generation of CUDA graph trees, whose outputs the next overwrites
-            torch.compiler.cudagraph_mark_step_begin()
+        if compile_mode is not None:
+            begin_compiled_step(compile_mode)
         with torch.autocast(x.device.type, torch.bfloat16):
             loss = sum(level.float().square().mean() for level in runner(x))
         loss.backward()

@@ -17,12 +17,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'scripts'))
-from benchmark import (  # noqa: E402,F401  (COMPILE_MODES, CUDA_GRAPH_MODES, load_peer_factory, to_channels_last: re-exported)
+from benchmark import (  # noqa: E402,F401  (COMPILE_MODES, begin_compiled_step, compile_in_mode, load_peer_factory, to_channels_last: re-exported)
     COMPILE_MODES,
-    CUDA_GRAPH_MODES,
     Job,
     ModelBenchmark,
     PeerFactory,
+    begin_compiled_step,
+    compile_in_mode,
     load_peer_factory,
     time_iterations,
     to_channels_last,
