@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, Mlp, register_notrace_module, to_2tuple, trunc_normal_
 
-from attnzoo.kernels import na2d
+from attnzoo.kernels import na2d_qkv
 
 from .norm import PreNorm
 
@@ -64,8 +64,9 @@ class NeighborhoodAttention2d(nn.Module):
         if pad_b or pad_r:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
         Hp, Wp = H + pad_b, W + pad_r
-        q, k, v = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
-        x = na2d(q, k, v, self.kernel_size, self.dilation, self.rpb, self.scale).reshape(B, Hp, Wp, C)
+        # packed: its gradient is then written as one tensor, not stacked from three
+        qkv = self.qkv(x).view(B, Hp, Wp, 3, self.num_heads, self.head_dim)
+        x = na2d_qkv(qkv, self.kernel_size, self.dilation, self.rpb, self.scale).reshape(B, Hp, Wp, C)
         if pad_b or pad_r:
             x = x[:, :H, :W]
         return self.proj_drop(self.proj(x))

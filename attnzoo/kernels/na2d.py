@@ -7,7 +7,7 @@ import torch
 from .dispatch import kernel_mode, kernel_op
 from .na2d_cpu import na2d_tiled
 
-__all__ = ['na2d', 'axis_windows']
+__all__ = ['na2d', 'na2d_qkv', 'axis_windows']
 
 
 def _pair(value: Union[int, Tuple[int, int]], name: str) -> Tuple[int, int]:
@@ -158,6 +158,36 @@ def na2d(
     return out.view(B, heads, H, W, dv).permute(0, 2, 3, 1, 4)
 
 
+def _unpack(qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f'na2d_qkv expects qkv of shape (B, H, W, 3, heads, head_dim), got {tuple(qkv.shape)}')
+    return qkv.unbind(3)
+
+
+@kernel_op
+def na2d_qkv(
+        qkv: torch.Tensor,
+        kernel_size: Union[int, Tuple[int, int]],
+        dilation: Union[int, Tuple[int, int]] = 1,
+        rpb: Optional[torch.Tensor] = None,
+        scale: Optional[float] = None,
+) -> torch.Tensor:
+    """:func:`na2d` of queries, keys and values packed in one tensor, as one linear projects them.
+
+    Args:
+        qkv: ``(B, H, W, 3, heads, head_dim)``: ``qkv[:, :, :, 0]`` the queries, then keys, then values.
+        kernel_size, dilation, rpb, scale: as :func:`na2d`'s.
+
+    Returns:
+        ``(B, H, W, heads, head_dim)``, ``na2d(*qkv.unbind(3), ...)``.
+
+    The same values as :func:`na2d` of the three slices; what differs is the gradient. Through
+    ``unbind`` autograd receives three gradients and stacks them, a copy of the whole projection's
+    gradient per call; the fused backward here writes the three into one ``qkv``-shaped tensor.
+    """
+    return na2d.reference(*_unpack(qkv), kernel_size, dilation, rpb, scale)
+
+
 try:
     from . import na2d_triton as _fused
 except ImportError:  # no Triton on this platform: the reference serves every call
@@ -176,8 +206,20 @@ def _fused_supports(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
     return _fused.fused_unsupported_reason(q, k, v, kh, kw, rpb, allow_cpu=kernel_mode() == 'triton')
 
 
+def _na2d_qkv_fused(qkv, kernel_size, dilation=1, rpb=None, scale=None):
+    q, k, v = _unpack(qkv)
+    kh, kw, dh, dw = _check_args(q, k, v, kernel_size, dilation, rpb)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _fused.na2d_qkv_fused(qkv, kh, kw, dh, dw, rpb, scale)
+
+
+def _qkv_fused_supports(qkv, *args, **kwargs):
+    return _fused_supports(*_unpack(qkv), *args, **kwargs)
+
+
 if _fused is not None:
     na2d.register_triton(_na2d_fused, _fused_supports)
+    na2d_qkv.register_triton(_na2d_qkv_fused, _qkv_fused_supports)
 
 
 def _na2d_tiled(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
@@ -200,3 +242,15 @@ def _tiled_supports(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
 
 
 na2d.register_cpu(_na2d_tiled, _tiled_supports)
+
+
+def _na2d_qkv_tiled(qkv, *args, **kwargs):
+    # the tiled path's gradients come from autograd through its gathers, unbind's stack with them
+    return _na2d_tiled(*_unpack(qkv), *args, **kwargs)
+
+
+def _qkv_tiled_supports(qkv, *args, **kwargs):
+    return _tiled_supports(*_unpack(qkv), *args, **kwargs)
+
+
+na2d_qkv.register_cpu(_na2d_qkv_tiled, _qkv_tiled_supports)

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ['na2d_fused', 'fused_unsupported_reason']
+__all__ = ['na2d_fused', 'na2d_qkv_fused', 'fused_unsupported_reason']
 
 # log2(e): scores are kept in base-2 units (exp2 is the hardware's exponential); the kernels spell
 # the literal, since a jitted function reads no Python globals
@@ -545,16 +545,17 @@ def _forward(q, k, v, rpb, kh, kw, dh, dw, scale, wrap=_direct):
     return out, lse, tables
 
 
-def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad, wrap=_direct, tables=None):
+def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad, wrap=_direct, tables=None,
+              grads=None):
     """The backward launches: dq, dk, dv and d(rpb). ``tables`` are the forward's bias tables where
-    it handed them over, else built here."""
+    it handed them over, else built here; ``grads``, where given, the (dq, dk, dv) tensors to write."""
     launch = _launch(q, v, kh, kw, dh, dw)
     q, k, v = _kernel_operands(q, k, v)
     if rpb is not None and tables is None:
         tables = _BiasTables(rpb, launch)
     grad_out = _last_dim_dense(grad_out)
     B, H, W, heads, _ = q.shape
-    dq, dk, dv = (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
+    dq, dk, dv = grads if grads is not None else (_empty(t.shape, t.dtype, t.device) for t in (q, k, v))
     delta = _empty(lse.shape, lse.dtype, lse.device)
     bi, bj = launch.bias_block
     partial = _empty((B * heads * launch.grid[0], bi, bj) if rpb_grad else (1,), torch.float32, q.device)
@@ -578,6 +579,15 @@ def _backward(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad,
     else:
         drpb = q.new_empty(0)
     return dq, dk, dv, drpb
+
+
+def _qkv_backward(grad_out, qkv, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad, wrap=_direct, tables=None):
+    """The backward of packed ``(B, H, W, 3, heads, head_dim)`` inputs: (dqkv, d(rpb)), dq, dk and dv
+    written by the kernels into one tensor of qkv's shape."""
+    dqkv = _empty(qkv.shape, qkv.dtype, qkv.device)
+    *_, drpb = _backward(grad_out, *qkv.unbind(3), rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad, wrap, tables,
+                         grads=dqkv.unbind(3))
+    return dqkv, drpb
 
 
 # whether Triton's interpreter runs the kernels: settled when they were decorated (TRITON_INTERPRET=1
@@ -623,18 +633,18 @@ def _(grad_out, q, k, v, rpb, out, lse, kh, kw, dh, dw, scale, rpb_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, rpb, kh, kw, dh, dw, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, rpb, out, lse)
-    ctx.params = (kh, kw, dh, dw, scale)
+    # inputs: q, k, v (or qkv), rpb, then the five numbers kh, kw, dh, dw, scale
+    ctx.save_for_backward(*inputs[:-5], *output)
+    ctx.params = inputs[-5:]
 
 
 def _input_grads(ctx, grad_out, backward):
-    """The gradients of ``(q, k, v, rpb, kh, kw, dh, dw, scale)`` by ``backward``, an op or its function."""
-    q, k, v, rpb, out, lse = ctx.saved_tensors
-    rpb_grad = rpb is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, drpb = backward(grad_out, q, k, v, rpb, out, lse, *ctx.params, rpb_grad)
-    return dq, dk, dv, drpb if rpb_grad else None, None, None, None, None, None
+    """The gradients of the forward's inputs, ``(q, k, v or qkv, rpb, kh, kw, dh, dw, scale)``, by
+    ``backward``, an op or its function."""
+    *inputs, out, lse = ctx.saved_tensors
+    rpb_grad = inputs[-1] is not None and ctx.needs_input_grad[len(inputs) - 1]
+    *grads, drpb = backward(grad_out, *inputs, out, lse, *ctx.params, rpb_grad)
+    return *grads, drpb if rpb_grad else None, None, None, None, None, None
 
 
 def _backward_autograd(ctx, grad_out, grad_lse):
@@ -680,6 +690,21 @@ class _NA2dFunction(torch.autograd.Function):
         return _input_grads(ctx, grad_out, functools.partial(_backward, tables=ctx.bias_tables))
 
 
+class _NA2dQKVFunction(torch.autograd.Function):
+    """``_NA2dFunction`` for packed inputs ``(qkv, rpb, kh, kw, dh, dw, scale)``, whose backward
+    has the kernels write dq, dk and dv into one tensor of qkv's shape."""
+
+    @staticmethod
+    def forward(ctx, qkv, *args):
+        out, lse, ctx.bias_tables = _forward(*qkv.unbind(3), *args)
+        _setup_context(ctx, (qkv, *args), (out, lse))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _input_grads(ctx, grad_out, functools.partial(_qkv_backward, tables=ctx.bias_tables))
+
+
 def na2d_fused(q, k, v, kh: int, kw: int, dh: int, dw: int, rpb: Optional[torch.Tensor], scale: float):
     """``na2d`` through the fused kernels for validated inputs: the registered op where torch.compile
     traces, the same functions under plain autograd in eager mode."""
@@ -687,3 +712,14 @@ def na2d_fused(q, k, v, kh: int, kw: int, dh: int, dw: int, rpb: Optional[torch.
         out, _ = torch.ops.attnzoo.na2d_forward(q, k, v, rpb, kh, kw, dh, dw, float(scale))
         return out
     return _NA2dFunction.apply(q, k, v, rpb, kh, kw, dh, dw, float(scale))
+
+
+def na2d_qkv_fused(qkv, kh: int, kw: int, dh: int, dw: int, rpb: Optional[torch.Tensor], scale: float):
+    """``na2d_qkv`` through the fused kernels for validated inputs ``(B, H, W, 3, heads, head_dim)``.
+
+    Eager, the packed autograd function. Traced, the registered ops on the three slices, whose
+    gradients the compiled graph stacks: an op writing into slices of one tensor hands
+    functionalization views to mutate, and their sync specializes a dynamic-shape graph on its sizes."""
+    if torch.compiler.is_compiling():
+        return na2d_fused(*qkv.unbind(3), kh, kw, dh, dw, rpb, scale)
+    return _NA2dQKVFunction.apply(qkv, rpb, kh, kw, dh, dw, float(scale))

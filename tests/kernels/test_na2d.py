@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnzoo.kernels import KernelOp, na2d
+from attnzoo.kernels import KernelOp, na2d, na2d_qkv, use_kernels
 
 
 def natten_window_start(index, length, kernel_size, dilation):
@@ -197,3 +197,18 @@ def test_na2d_is_a_dispatching_op_on_any_device():
     q = torch.empty(2, 14, 9, 2, 8, device='meta')
     assert na2d(q, q, q, 3, (4, 3), torch.empty(2, 5, 5, device='meta')).shape == q.shape
 
+
+
+@pytest.mark.parametrize('mode', ['reference', 'cpu'])
+def test_na2d_qkv_is_na2d_of_the_three_slices(mode):
+    qkv = torch.randn(2, 13, 11, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    rpb = torch.randn(2, 5, 9, dtype=torch.float64, requires_grad=True)
+    with use_kernels(mode):
+        out = na2d_qkv(qkv, (3, 5), (2, 1), rpb, 0.6)
+    want = na2d.reference(*qkv.unbind(3), (3, 5), (2, 1), rpb, 0.6)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    for got, exp in zip(torch.autograd.grad(out, (qkv, rpb), grad), torch.autograd.grad(want, (qkv, rpb), grad)):
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r'\(B, H, W, 3, heads, head_dim\)'):
+        na2d_qkv(qkv[:, :, :, :2], 3)

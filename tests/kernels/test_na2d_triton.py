@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from attnzoo.kernels import na2d, na2d_triton, use_kernels
+from attnzoo.kernels import na2d, na2d_qkv, na2d_triton, use_kernels
 
 from ..conftest import randomize_
 
@@ -119,6 +119,41 @@ def test_every_output_element_is_written(monkeypatch):
     assert all(torch.isfinite(t).all() for t in written)
 
 
+@pytest.mark.parametrize('dtype,kernel_size,dilation,with_rpb', [
+    (torch.float32, 5, (2, 1), True),
+    (torch.bfloat16, 3, 2, False),
+])
+def test_packed_qkv_gradient_is_written_as_one_tensor(monkeypatch, dtype, kernel_size, dilation, with_rpb):
+    written = []
+
+    def poisoned(shape, dtype, device):
+        written.append(torch.full(shape, float('nan'), dtype=dtype, device=device))
+        return written[-1]
+
+    monkeypatch.setattr(na2d_triton, '_empty', poisoned)
+    qkv = torch.randn(2, 11, 9, 3, 2, 16, dtype=dtype, device=DEVICE, requires_grad=True)
+    size = 2 * kernel_size - 1
+    rpb = torch.randn(2, size, size, device=DEVICE, requires_grad=True) if with_rpb else None
+    inputs = [qkv] + ([rpb] if with_rpb else [])
+    with use_kernels('triton'):
+        out = na2d_qkv(qkv, kernel_size, dilation, rpb)
+    # autograd hands the gradient straight to qkv: no UnbindBackward stacking three of them
+    assert out.grad_fn.next_functions[0][0].variable is qkv
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad)
+    # the kernels filled the one qkv-shaped gradient the backward allocated, all three thirds of it
+    # (without a bias the d(rpb) partials are a placeholder of one element that nothing writes)
+    assert sum(t.shape == qkv.shape for t in written) == 1
+    assert all(torch.isfinite(t).all() for t in written if t.shape != (1,))
+
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    ref = na2d.reference(*exact[0].unbind(3), kernel_size, dilation, exact[1] if with_rpb else None)
+    ref_grads = torch.autograd.grad(ref, exact, grad.double())
+    assert out.dtype == dtype and _rel(out, ref) < TOLERANCE[dtype]
+    for got, want in zip(grads, ref_grads):
+        assert got.shape == want.shape and _rel(got, want) < TOLERANCE[dtype]
+
+
 @pytest.mark.skipif(not na2d_triton._INTERPRETING, reason="instruments Triton's interpreter")
 @pytest.mark.parametrize('tiles', [(8, 8), (8, 2), (4, 4)])
 def test_every_access_stays_inside_the_tensors(monkeypatch, query_tiles, tiles):
@@ -169,6 +204,17 @@ def test_eager_function_and_registered_op_agree():
     assert _rel(eager, na2d.reference(*(t.double() for t in inputs[:3]), 5, (1, 2), rpb.double(), 0.3)) < 1e-5
 
 
+def test_packed_eager_function_equals_the_unpacked_one():
+    qkv = torch.randn(1, 9, 10, 3, 2, 16, device=DEVICE, requires_grad=True)
+    rpb = torch.randn(2, 9, 9, device=DEVICE, requires_grad=True)
+    packed = na2d_triton.na2d_qkv_fused(qkv, 5, 5, 1, 2, rpb, 0.3)
+    unpacked = na2d_triton.na2d_fused(*qkv.unbind(3), 5, 5, 1, 2, rpb, 0.3)
+    grad = torch.randn_like(packed)
+    torch.testing.assert_close(packed, unpacked, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(packed, (qkv, rpb), grad), torch.autograd.grad(unpacked, (qkv, rpb), grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_eager_backward_takes_the_forwards_bias_tables(monkeypatch):
     # the padded bias table and its blocks cost as much Python as a launch: an eager forward hands
     # the ones it built to its backward
@@ -200,18 +246,21 @@ def test_dispatch_picks_the_kernel_only_where_it_runs():
         na2d(q, q, q, 4)
 
 
-def test_compile_fullgraph_through_the_registered_op():
-    (q, k, v), rpb = _inputs((1, 9, 8, 16), 16, 2, 3, True, torch.float32)
+@pytest.mark.parametrize('packed', [False, True])
+def test_compile_fullgraph_through_the_registered_op(packed):
+    qkv = torch.randn(1, 9, 8, 3, 2, 16, device=DEVICE, requires_grad=True)
+    rpb = torch.randn(2, 5, 5, device=DEVICE, requires_grad=True)
 
-    def attend(q, k, v, rpb):
-        return na2d(q, k, v, 3, (2, 1), rpb) * 2
+    def attend(qkv, rpb):
+        out = na2d_qkv(qkv, 3, (2, 1), rpb) if packed else na2d(*qkv.unbind(3), 3, (2, 1), rpb)
+        return out * 2
 
     with use_kernels('triton'):
-        eager = attend(q, k, v, rpb)
-        compiled = torch.compile(attend, fullgraph=True, backend='aot_eager')(q, k, v, rpb)
-        grads = torch.autograd.grad(compiled.sum(), (q, k, v, rpb))
+        eager = attend(qkv, rpb)
+        compiled = torch.compile(attend, fullgraph=True, backend='aot_eager')(qkv, rpb)
+        grads = torch.autograd.grad(compiled.sum(), (qkv, rpb))
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-    ref_grads = torch.autograd.grad(na2d.reference(q, k, v, 3, (2, 1), rpb).sum() * 2, (q, k, v, rpb))
+    ref_grads = torch.autograd.grad(na2d.reference(*qkv.unbind(3), 3, (2, 1), rpb).sum() * 2, (qkv, rpb))
     for got, want in zip(grads, ref_grads):
         assert _rel(got, want.double()) < 1e-3
 
