@@ -37,10 +37,16 @@ from attnzoo.recipes.evaluation.coco import (
     load_detector,
     stats_for_json,
 )
-from attnzoo.recipes.evaluation.common import ClassCountMismatchError, EvaluationError, format_table
+from attnzoo.recipes.evaluation.common import (
+    ClassCountMismatchError,
+    EvaluationError,
+    format_table,
+    unwrap_worker_error,
+)
 
+# OSError: an image that cannot be read (the reader names it)
 USER_ERRORS = (EvaluationError, CheckpointMismatchError, CheckpointReadError, PretrainedWeightsNotFoundError,
-               FileNotFoundError, ValueError)
+               OSError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', metavar='FILE', help='write the numbers as json under torchmetrics\' names')
     p.add_argument('--dets-out', metavar='FILE', help='model mode: write the detections (COCO results json); '
                                                       'default with --out: OUT with .detections.json')
-    p.add_argument('-b', '--batch-size', type=int, default=2, help='model mode: images per batch (default: 2)')
+    p.add_argument('-b', '--batch-size', type=int, default=1,
+                   help='model mode: images per batch (default: 1, as reference evaluations: a batch is padded to '
+                        'its largest image, which changes what a detector finds on the others)')
     p.add_argument('-j', '--workers', type=int, default=2, help='model mode: data loading workers (default: 2)')
     p.add_argument('--device', default=None, help='model mode: device (default: cuda if available, else cpu)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -123,7 +131,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             iou_types = ['bbox'] + (['segm'] if model.attnzoo_cfg['arch'] == 'mask_rcnn' else [])
         stats = evaluate_detections(coco_gt, results, iou_types, image_ids)
     except USER_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr)
+        # an error in a data loading worker arrives with the worker's traceback as its message
+        print(f'error: {unwrap_worker_error(e)}', file=sys.stderr)
         return 1
 
     for iou_type, values in stats.items():

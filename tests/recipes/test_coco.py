@@ -258,6 +258,10 @@ def test_clear_errors_for_bad_files(shapes_coco, tmp_path):
         CocoDetection(image_dir, _rewrite(ann_file, tmp_path, lambda d: d['annotations'][0].update(image_id=999)))
     with pytest.raises(ValueError, match='has category 42, which is not listed'):
         CocoDetection(image_dir, _rewrite(ann_file, tmp_path, lambda d: d['annotations'][0].update(category_id=42)))
+    # the targets carry image ids as int64 tensors
+    for bad_id in ('a', 2 ** 63):
+        with pytest.raises(ValueError, match=f'images ids must be integers of at most 64 bits, got {bad_id!r}'):
+            CocoDetection(image_dir, _rewrite(ann_file, tmp_path, lambda d: d['images'][0].update(id=bad_id)))
     # images that are not there: at construction, or when read if the check is skipped
     folder = tmp_path / 'images'
     shutil.copytree(image_dir, folder)

@@ -163,6 +163,96 @@ def test_bad_inputs_exit_non_zero_with_a_clear_message(script, shapes, tmp_path,
     assert run([det], '--iou-type', 'segm')[1] == 'error: detection 0 lacks segmentation (needed for segm evaluation)\n'
     code = script.main(['--ann', str(tmp_path / 'missing.json'), '--results', str(results)])
     assert code == 1 and 'missing.json does not exist' in capsys.readouterr().err
+    # malformed detections: named, not a traceback from inside pycocotools
+    assert run([dict(det, bbox='abcd')])[1] == "error: detection 0 has bbox 'abcd', not [x, y, w, h] numbers\n"
+    assert run([dict(det, score=None)])[1] == 'error: detection 0 has score None, not a finite number\n'
+    assert run([dict(det, segmentation=5)], '--iou-type', 'segm')[1].startswith(
+        'error: detection 0 has segmentation 5, neither polygons nor RLE')
+    image = data['images'][0]
+    wrong = _rle(np.ones((image['height'] + 1, image['width']), np.uint8))
+    assert run([dict(det, segmentation=wrong)], '--iou-type', 'segm')[1] == (
+        f'error: detection 0 has a mask of size {[image["height"] + 1, image["width"]]} on image {image["id"]} of '
+        f'size {[image["height"], image["width"]]} (height, width)\n')
+    # ground truth COCOeval cannot read: refused before anything is evaluated
+    for field in ('area', 'iscrowd'):
+        broken = copy.deepcopy(data)
+        del broken['annotations'][3][field]
+        bad_ann = tmp_path / f'no_{field}.json'
+        bad_ann.write_text(json.dumps(broken))
+        results.write_text(json.dumps([det]))
+        assert script.main(['--ann', str(bad_ann), '--results', str(results)]) == 1
+        err = capsys.readouterr().err
+        assert f'annotation {broken["annotations"][3]["id"]} lacks {field}, which COCO evaluation reads' in err
+    broken = copy.deepcopy(data)
+    del broken['annotations'][2]['segmentation']
+    bad_ann.write_text(json.dumps(broken))
+    results.write_text(json.dumps([dict(det, segmentation=_rle(np.ones((image['height'], image['width']))))]))
+    assert script.main(['--ann', str(bad_ann), '--results', str(results), '--iou-type', 'segm']) == 1
+    assert f'annotation {broken["annotations"][2]["id"]} has no segmentation' in capsys.readouterr().err
+
+
+def test_masks_without_boxes_and_no_detections_as_pycocotools_takes_them(script, shapes, tmp_path):
+    _, ann_file, data = shapes
+    # masks alone: pycocotools' loadRes takes each detection's box and area from its mask
+    dets = [{k: v for k, v in d.items() if k != 'bbox'} for d in _perturbed(data, seed=3)]
+    results, out = tmp_path / 'masks.json', tmp_path / 'masks_metrics.json'
+    results.write_text(json.dumps(dets))
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann_file))
+        dt = gt.loadRes(copy.deepcopy(dets))
+        ev = COCOeval(gt, dt, 'bbox')
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert script.main(['--ann', str(ann_file), '--results', str(results), '--out', str(out)]) == 0
+    stats = json.loads(out.read_text())
+    assert stats['bbox'] == dict(zip(NAMES, ev.stats.tolist()))
+    assert stats['segm'] == _pycocotools(ann_file, dets, 'segm')
+
+    # no detections at all, which loadRes refuses: COCOeval of an empty detection set, -1 for the
+    # sizes the ground truth has no object of (here only small ones are kept)
+    small = dict(data, annotations=[a for a in data['annotations'] if a['area'] < 32 ** 2])
+    small_ann = tmp_path / 'small.json'
+    small_ann.write_text(json.dumps(small))
+    results.write_text('[]')
+    assert script.main(['--ann', str(small_ann), '--results', str(results), '--out', str(out)]) == 0
+    expected = {name: -1.0 if name.endswith(('_medium', '_large')) else 0.0 for name in NAMES}
+    assert json.loads(out.read_text()) == dict(expected, iou_type='bbox')
+
+
+def test_training_metric_gives_pycocotools_numbers(shapes):
+    # the recipe's val_map: torchmetrics over the dataset's targets, whose areas (the json's, here the
+    # polygons', not the boxes') sort objects by size as pycocotools does
+    from types import SimpleNamespace
+
+    from attnzoo.recipes.data.coco import CocoDetection
+    from attnzoo.recipes.tasks.detection import DetectionTask
+    image_dir, ann_file, data = shapes
+    dets = _perturbed(data, seed=5)
+    dataset = CocoDetection(image_dir, ann_file, masks=False)
+    preds, targets = [], []
+    for i in range(len(dataset)):
+        _, target = dataset[i]
+        mine = [d for d in dets if d['image_id'] == int(target['image_id'])]
+        boxes = torch.tensor([d['bbox'] for d in mine], dtype=torch.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        preds.append({'boxes': boxes.float(), 'scores': torch.tensor([d['score'] for d in mine]),
+                      'labels': torch.tensor([dataset.cat_id_to_label[d['category_id']] for d in mine])})
+        targets.append(target)
+    task = SimpleNamespace(masks=False)
+    DetectionTask.configure_metrics(task)
+    # pycocotools' float64 thresholds (torchmetrics' own defaults are rounded through float32)
+    params = COCOeval(iouType='bbox').params
+    assert task.val_map.iou_thresholds == params.iouThrs.tolist()
+    assert task.val_map.rec_thresholds == params.recThrs.tolist()
+    task.val_map.update(*DetectionTask._metric_inputs(task, preds, targets))
+    got = task.val_map.compute()
+    # the same boxes as COCO results (float32 as the task saw them) evaluated by pycocotools directly
+    results = dataset.to_coco_results(preds, [int(t['image_id']) for t in targets])
+    want = _pycocotools(ann_file, results, 'bbox')
+    assert want['map_small'] != want['map_large']
+    for name in NAMES:
+        assert float(got[name]) == pytest.approx(want[name], abs=1e-6), name
 
 
 DETECTOR_KWARGS = dict(min_size=64, max_size=96, fpn_channels=32, representation_size=32, mask_head_channels=16,

@@ -47,6 +47,10 @@ _REQUIRED = {
 }
 
 
+def _is_int64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -2 ** 63 <= value < 2 ** 63
+
+
 def load_coco_json(ann_file: PathLike) -> Dict[str, Any]:
     """Read and check a COCO instances json: the three lists, their records' keys, and that every
     annotation refers to an image and a category that exist. Raises FileNotFoundError or ValueError
@@ -69,6 +73,11 @@ def load_coco_json(ann_file: PathLike) -> Dict[str, Any]:
             missing = [f for f in fields if not isinstance(record, dict) or f not in record]
             if missing:
                 raise ValueError(f'{ann_file}: {key}[{i}] lacks {", ".join(missing)}')
+    for key in ('images', 'categories'):
+        for record in data[key]:
+            # COCO's ids are integers; the targets carry the image's as an int64 tensor
+            if not _is_int64(record['id']):
+                raise ValueError(f'{ann_file}: {key} ids must be integers of at most 64 bits, got {record["id"]!r}')
     image_ids = {im['id'] for im in data['images']}
     cat_ids = {c['id'] for c in data['categories']}
     if len(image_ids) != len(data['images']) or len(cat_ids) != len(data['categories']):
@@ -325,7 +334,9 @@ def evaluate_coco(coco_gt, results: Sequence[Mapping[str, Any]], iou_type: str =
     """pycocotools' COCOeval of ``results`` against ``coco_gt`` (a ``COCO`` object, e.g.
     ``CocoDetection.coco``): the 12 numbers of its summary (AP, AP50, AP75, AP S/M/L, AR 1/10/100,
     AR S/M/L), with -1 where there is nothing to measure, as pycocotools gives them. ``image_ids``
-    restricts the evaluation (default: every image of ``coco_gt``). No results gives zeros.
+    restricts the evaluation (default: every image of ``coco_gt``). No results at all (which
+    pycocotools' ``loadRes`` refuses) are evaluated as an empty detection set: zero where there
+    are objects to find, -1 where there are none.
 
     For 'segm' the detections' boxes are left out: given a box, pycocotools' ``loadRes`` takes the
     box's area as the detection's, so the small/medium/large split would follow boxes, not masks
@@ -333,11 +344,12 @@ def evaluate_coco(coco_gt, results: Sequence[Mapping[str, Any]], iou_type: str =
     from pycocotools.cocoeval import COCOeval
     if iou_type not in ('bbox', 'segm'):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
-    if not results:
-        return np.zeros(12)
     drop = {'bbox', 'area'} if iou_type == 'segm' else set()
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([{k: v for k, v in r.items() if k not in drop} for r in results])
+        if results:
+            coco_dt = coco_gt.loadRes([{k: v for k, v in r.items() if k not in drop} for r in results])
+        else:
+            coco_dt = _quiet_coco(dict(coco_gt.dataset, annotations=[]))
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = list(image_ids)

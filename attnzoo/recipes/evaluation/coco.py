@@ -11,6 +11,7 @@ pycocotools is imported where it is used, never at ``import attnzoo``.
 import contextlib
 import io
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -53,12 +54,20 @@ def format_coco_stats(stats: Mapping[str, float]) -> str:
 
 
 def coco_ground_truth(ann_file: Union[str, Path]):
-    """A pycocotools ``COCO`` object of a checked instances json (``load_coco_json``), quietly."""
+    """A pycocotools ``COCO`` object of a checked instances json (``load_coco_json``), quietly.
+
+    COCOeval reads every annotation's ``area`` (its small/medium/large range) and ``iscrowd``:
+    checked here, before a detector runs, rather than failing inside pycocotools after it."""
     from pycocotools.coco import COCO
     try:
         data = load_coco_json(ann_file)
     except (FileNotFoundError, ValueError) as e:
         raise DatasetError(str(e)) from e
+    for ann in data['annotations']:
+        missing = [k for k in ('area', 'iscrowd') if k not in ann]
+        if missing:
+            raise DatasetError(f'{ann_file}: annotation {ann["id"]} lacks {" and ".join(missing)}, which COCO '
+                               'evaluation reads on every annotation')
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -80,12 +89,19 @@ def load_detections(path: Union[str, Path]) -> List[Dict[str, Any]]:
     return results
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_detections(results: Sequence[Mapping[str, Any]], coco_gt, iou_type: str) -> List[Dict[str, Any]]:
     """The detections of one iou type as pycocotools takes them, checked against the ground truth:
     boxes [x, y, w, h] for 'bbox'; for 'segm' the masks as compressed RLE (polygons and uncompressed
-    RLE are encoded at the image's size) and no box."""
-    from pycocotools import mask as mask_utils
+    RLE are encoded at the image's size) and no box. Detections with masks and no boxes at all are
+    evaluated as 'bbox' by their masks' bounds and areas, as pycocotools' ``loadRes`` does."""
     field = 'bbox' if iou_type == 'bbox' else 'segmentation'
+    if field == 'bbox' and results and all(isinstance(d, Mapping) and 'bbox' not in d and 'segmentation' in d
+                                           for d in results):
+        field = 'segmentation'
     images, categories = set(coco_gt.getImgIds()), set(coco_gt.getCatIds())
     out = []
     for i, det in enumerate(results):
@@ -98,21 +114,43 @@ def _check_detections(results: Sequence[Mapping[str, Any]], coco_gt, iou_type: s
             raise EvaluationError(f'detection {i} is of image {det["image_id"]}, which the annotations do not list')
         if det['category_id'] not in categories:
             raise EvaluationError(f'detection {i} has category {det["category_id"]}, which the annotations do not list')
+        if not _is_number(det['score']):
+            raise EvaluationError(f'detection {i} has score {det["score"]!r}, not a finite number')
         det = {k: det[k] for k in ('image_id', 'category_id', 'score', field)}
-        if iou_type == 'bbox':
-            if len(det['bbox']) != 4:
-                raise EvaluationError(f'detection {i} has bbox {det["bbox"]}, not [x, y, w, h]')
+        if field == 'bbox':
+            box = det['bbox']
+            if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_number(v) for v in box):
+                raise EvaluationError(f'detection {i} has bbox {box!r}, not [x, y, w, h] numbers')
         else:
-            seg = det['segmentation']
-            if isinstance(seg, list) or isinstance(seg.get('counts'), list):
-                info = coco_gt.imgs[det['image_id']]
-                rle = mask_utils.frPyObjects(seg, info['height'], info['width'])
-                seg = mask_utils.merge(rle) if isinstance(rle, list) else rle
-            if isinstance(seg['counts'], bytes):
-                seg = dict(seg, counts=seg['counts'].decode('ascii'))
-            det['segmentation'] = seg
+            det['segmentation'] = _compressed_rle(det['segmentation'], coco_gt.imgs[det['image_id']], i)
         out.append(det)
     return out
+
+
+def _compressed_rle(seg: Any, image: Mapping[str, Any], i: int) -> Dict[str, Any]:
+    """Detection ``i``'s mask (polygons, uncompressed or compressed RLE) as compressed RLE with
+    text counts, checked to be of its image's size (pycocotools would compare masks of other sizes
+    pixel by pixel as they lie)."""
+    from pycocotools import mask as mask_utils
+    height, width = image['height'], image['width']
+    if isinstance(seg, list):
+        if not all(isinstance(p, list) and len(p) >= 6 and all(_is_number(v) for v in p) for p in seg):
+            raise EvaluationError(f'detection {i} has a segmentation list that is not polygons [x0, y0, x1, y1, ...]')
+        return _text_counts(mask_utils.merge(mask_utils.frPyObjects(seg, height, width)))
+    if not isinstance(seg, Mapping) or 'counts' not in seg or 'size' not in seg:
+        raise EvaluationError(f'detection {i} has segmentation {str(seg)[:60]}, neither polygons nor RLE '
+                              '{"size": [h, w], "counts": ...}')
+    if list(seg['size']) != [height, width]:
+        raise EvaluationError(f'detection {i} has a mask of size {list(seg["size"])} on image {image["id"]} of '
+                              f'size {[height, width]} (height, width)')
+    if isinstance(seg['counts'], list):
+        return _text_counts(mask_utils.frPyObjects(dict(seg), height, width))
+    return _text_counts(dict(seg))
+
+
+def _text_counts(rle: Dict[str, Any]) -> Dict[str, Any]:
+    """An RLE whose counts are text, as json writes them."""
+    return dict(rle, counts=rle['counts'].decode('ascii')) if isinstance(rle['counts'], bytes) else rle
 
 
 def evaluate_detections(
@@ -133,6 +171,11 @@ def evaluate_detections(
     for iou_type in iou_types:
         if iou_type not in IOU_TYPES:
             raise EvaluationError(f'iou type must be one of {IOU_TYPES}, got {iou_type!r}')
+        if iou_type == 'segm':
+            unmasked = next((a for a in coco_gt.dataset['annotations'] if not a.get('segmentation')), None)
+            if unmasked is not None:
+                raise EvaluationError(f'annotation {unmasked["id"]} has no segmentation: the ground truth '
+                                      'has no masks to evaluate segm against')
         values = evaluate_coco(coco_gt, _check_detections(results, coco_gt, iou_type), iou_type, image_ids)
         stats[iou_type] = {name: float(v) for (name, *_), v in zip(COCO_METRICS, values)}
     return stats
@@ -159,7 +202,7 @@ def load_detector(arch: str, backbone: str, num_classes: int, checkpoint: str, *
 def detect(
         model: nn.Module,
         dataset: CocoDetection,
-        batch_size: int = 2,
+        batch_size: int = 1,
         workers: int = 2,
         device: Union[str, torch.device] = 'cpu',
         progress: bool = True,
@@ -168,6 +211,10 @@ def detect(
     images' pixels) over ``dataset`` and return its detections as COCO results with the time taken.
 
     Returns ``{'results': [...], 'image_ids': [...], 'seconds': float}``.
+
+    ``batch_size`` 1 is what the reference evaluations (torchvision's, detectron2's, mmdet's) use: a
+    torchvision detector pads a batch to its largest image, and what it finds on the smaller ones
+    changes with the padding.
     """
     device = torch.device(device)
     model = model.to(device).eval()

@@ -2,6 +2,7 @@
 import json
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -14,6 +15,10 @@ __all__ = ['DetectionTask']
 Target = Dict[str, torch.Tensor]
 # pycocotools' summary under torchmetrics' names, and the ones logged per epoch
 _LOGGED = ('map', 'map_50', 'map_75', 'map_small', 'map_medium', 'map_large', 'mar_100')
+# pycocotools' thresholds, in float64 as it builds them: torchmetrics' defaults come from a float32
+# linspace (0.55 as 0.550000011920929...), which moves AP in the fourth decimal
+_IOU_THRESHOLDS = np.linspace(.5, .95, 10).tolist()
+_REC_THRESHOLDS = np.linspace(.0, 1., 101).tolist()
 
 
 class DetectionTask(BaseTask):
@@ -28,7 +33,9 @@ class DetectionTask(BaseTask):
 
     Metric: COCO mAP from torchmetrics' ``MeanAveragePrecision`` with the pycocotools backend,
     updated with every batch and computed once per epoch over the whole split (synced over
-    processes), so it is pycocotools' number for the split, not a mean of batch numbers:
+    processes), so it is pycocotools' number for the split, not a mean of batch numbers (its
+    thresholds as pycocotools makes them, and each object's size from the target's ``area``, the
+    json's where the data module gives it, as pycocotools sorts objects into small/medium/large):
     ``val_map`` (AP at IoU 0.50:0.95), ``val_map_50``, ``val_map_75``, by size, ``val_mar_100``,
     and for Mask R-CNN the same of the masks as ``val_segm_*``.
 
@@ -80,8 +87,9 @@ class DetectionTask(BaseTask):
     def configure_metrics(self) -> None:
         from torchmetrics.detection import MeanAveragePrecision
         iou_type: Any = ('bbox', 'segm') if self.masks else 'bbox'
-        self.val_map = MeanAveragePrecision(iou_type=iou_type, backend='pycocotools')
-        self.test_map = MeanAveragePrecision(iou_type=iou_type, backend='pycocotools')
+        self.val_map, self.test_map = (
+            MeanAveragePrecision(iou_type=iou_type, backend='pycocotools', iou_thresholds=_IOU_THRESHOLDS,
+                                 rec_thresholds=_REC_THRESHOLDS) for _ in range(2))
         self.samples: List[Tuple[torch.Tensor, Target, Target]] = []
 
     def setup(self, stage: str) -> None:
@@ -102,13 +110,14 @@ class DetectionTask(BaseTask):
         return loss
 
     def _metric_inputs(self, preds: Sequence[Target], targets: Sequence[Target]) -> Tuple[List[Target], List[Target]]:
-        """torchmetrics' layouts: boxes xyxy; masks (N, H, W) bool (predicted: probability > 0.5)."""
+        """torchmetrics' layouts: boxes xyxy; masks (N, H, W) bool (predicted: probability > 0.5); the
+        targets' ``iscrowd`` and ``area`` where they have them (without an area torchmetrics takes the
+        box's or the mask's, which sorts an object into another size range than pycocotools would)."""
         p_out, t_out = [], []
         for p, t in zip(preds, targets):
             pd = {'boxes': p['boxes'], 'scores': p['scores'], 'labels': p['labels']}
             td = {'boxes': t['boxes'], 'labels': t['labels']}
-            if 'iscrowd' in t:
-                td['iscrowd'] = t['iscrowd']
+            td.update({k: t[k] for k in ('iscrowd', 'area') if k in t})
             if self.masks:
                 m = p['masks']
                 pd['masks'] = (m[:, 0] if m.dim() == 4 else m) > 0.5
