@@ -27,11 +27,12 @@ from timm.utils import ParseKwargs
 
 import attnzoo  # noqa: F401  (registers the az_* models with timm)
 from attnzoo.backbones import CheckpointMismatchError, CheckpointReadError, PretrainedWeightsNotFoundError
-from attnzoo.recipes.evaluation.common import EvaluationError, format_table
+from attnzoo.recipes.evaluation.common import EvaluationError, format_table, unwrap_worker_error
 from attnzoo.recipes.evaluation.segmentation import PAPER_RATIOS, evaluate_segmentation, load_segmenter
 
+# OSError: an image or annotation that cannot be read
 USER_ERRORS = (EvaluationError, CheckpointMismatchError, CheckpointReadError, PretrainedWeightsNotFoundError,
-               FileNotFoundError, ValueError)
+               OSError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             ratios=ratios, flip=flip, mode=args.mode, crop_size=args.crop_size, stride=args.stride,
             workers=args.workers, device=device, progress=not args.no_progress)
     except USER_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr)
+        # an error in a data loading worker arrives with the worker's traceback as its message
+        print(f'error: {unwrap_worker_error(e)}', file=sys.stderr)
         return 1
 
     per_class = [dict(index=i, cls=name, IoU=v['IoU'], Acc=v['Acc'])

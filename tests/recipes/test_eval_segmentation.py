@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from attnzoo.recipes.evaluation.segmentation import (
     SegmentationMeter,
@@ -106,6 +107,9 @@ def test_meter_refuses_what_it_cannot_measure():
     meter.update(torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), I))
     with pytest.raises(ValueError, match='no labelled pixel'):
         meter.compute()
+    # the per-class results are keyed by name
+    with pytest.raises(ValueError, match="class names must differ, 'a' repeats"):
+        SegmentationMeter(num_classes=3, class_names=['a', 'a', 'b'])
 
 
 SMALL = dict(channels=16, fpn_channels=16)
@@ -180,6 +184,12 @@ def test_script_end_to_end_on_the_synthetic_set_and_a_saved_model(tmp_path, caps
     assert 'does not fit' in capsys.readouterr().err
     code = script.main(common[:1] + ['--split', 'test', '--model', f'local-dir:{folder}'])
     assert code == 1 and 'images/test does not exist' in capsys.readouterr().err
+    # an annotation of another size than its image, read in a worker: one line, not its traceback
+    annotation = sorted((root / 'annotations' / 'validation').iterdir())[0]
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(annotation)
+    code = script.main(common[:1] + ['-j', '1', '--no-progress', '--model', f'local-dir:{folder}'])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith('error: ') and err.count('\n') == 1 and annotation.stem in err, err
 
 
 def test_labels_the_model_cannot_predict_are_refused_not_dropped():

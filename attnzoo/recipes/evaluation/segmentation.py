@@ -79,6 +79,10 @@ class SegmentationMeter:
                  class_names: Optional[Sequence[str]] = None):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f'{len(class_names)} class names for {num_classes} classes')
+        if class_names is not None and len(set(class_names)) != len(class_names):
+            # the per-class results are keyed by name: a repeated one would hide a class
+            repeated = sorted({n for n in class_names if list(class_names).count(n) > 1})
+            raise ValueError(f'class names must differ, {", ".join(map(repr, repeated))} repeats')
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
