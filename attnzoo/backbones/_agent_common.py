@@ -66,8 +66,13 @@ def resize_to_model(
         if k not in expected or tuple(v.shape) == tuple(expected[k]):
             continue
         name = k.rsplit('.', 1)[-1]
-        if name in resizers:
-            state_dict[k] = resizers[name](v, tuple(expected[k]))
-        elif name.endswith('_bias') and '.attn.' in k:
-            state_dict[k] = resize_agent_bias(k, v, tuple(expected[k]))
+        try:
+            if name in resizers:
+                state_dict[k] = resizers[name](v, tuple(expected[k]))
+            elif name.endswith('_bias') and '.attn.' in k:
+                state_dict[k] = resize_agent_bias(k, v, tuple(expected[k]))
+        except ValueError:
+            # not a grid at another size (another variant's head count): a mismatch, which
+            # check_state_dict names with all the others
+            continue
     return state_dict

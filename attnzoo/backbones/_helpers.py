@@ -3,6 +3,7 @@ checks, input checks, intermediate-index selection and the timm model contract o
 families (``StagedBackbone``)."""
 import os
 import pickle
+import re
 import zipfile
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -91,7 +92,8 @@ def check_state_dict(
         ignore_shape: Iterable[str] = (),
         ignore_prefixes: Iterable[str] = (),
 ) -> None:
-    """Raise CheckpointMismatchError naming the missing and unexpected keys and the differing shapes.
+    """Raise CheckpointMismatchError naming the missing and unexpected keys and the differing shapes,
+    and CheckpointReadError where a tensor holds NaN or infinity.
 
     ``ignore_shape`` are keys whose shape may differ (the first conv, adapted later to in_chans);
     keys under ``ignore_prefixes`` are skipped entirely (a classifier that is reset or removed).
@@ -106,6 +108,13 @@ def check_state_dict(
         f'{k}: {source} {tuple(given[k].shape)} vs model {tuple(expected[k])}'
         for k in set(expected) & set(given)
         if k not in ignore_shape and tuple(given[k].shape) != tuple(expected[k]))
+    # a file damaged inside a tensor's data loads without complaint: its values are the only sign
+    damaged = sorted(k for k in set(expected) & set(given)
+                     if given[k].is_floating_point() and not torch.isfinite(given[k]).all())
+    if damaged:
+        names = ', '.join(damaged[:5]) + (', ...' if len(damaged) > 5 else '')
+        raise CheckpointReadError(f'{source} holds non-finite values in {len(damaged)} tensors ({names}): '
+                                  'the file is damaged')
     if missing or unexpected or shapes:
         lines = [f'{source} does not fit {type(model).__name__}:']
         if missing:
@@ -135,11 +144,29 @@ def _is_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get('HF_HUB_OFFLINE', '0').upper() in ('1', 'ON', 'YES', 'TRUE')
 
 
-def _is_read_error(e: Exception) -> bool:
-    """Whether an exception is a checkpoint reader's complaint about a damaged file."""
-    if isinstance(e, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)) or type(e).__name__ == 'SafetensorError':
-        return True
-    return isinstance(e, RuntimeError) and any(s in str(e) for s in ('PytorchStreamReader', 'invalid load key'))
+def _read_error(e: Optional[BaseException]) -> Optional[BaseException]:
+    """The checkpoint reader's complaint about a damaged file in ``e`` or what caused it, if any.
+
+    The causes count: timm re-raises torch.load's UnpicklingError of a file that is no checkpoint at
+    all as a RuntimeError that suggests ``weights_only=False``, advice that is wrong for a damaged
+    file and unsafe for one of unknown origin."""
+    while e is not None:
+        if (isinstance(e, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile))
+                or type(e).__name__ == 'SafetensorError'):
+            return e
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in ('PytorchStreamReader', 'invalid load key')):
+            return e
+        e = e.__cause__
+    return None
+
+
+def describe_read_error(e: BaseException) -> str:
+    """``Type: what the reader found`` for a damaged file's error, without torch's advice to load
+    with ``weights_only=False`` (which is for trusted files that hold other objects, not for damage)."""
+    text = str(e)
+    found = re.search(r'WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)', text, re.S)
+    detail = found.group(1) if found else text.strip().splitlines()[0] if text.strip() else ''
+    return f'{type(e).__name__}: {detail[:200]}'
 
 
 def build_backbone(
@@ -185,9 +212,10 @@ def build_backbone(
         else:
             source = f'pretrained weights for {variant}: URL {cfg.url}'
         # a file that is there but fails to load is damaged; torch reports a truncated zip as an OSError
-        if _is_read_error(e) or (cfg.file and os.path.isfile(cfg.file) and isinstance(e, OSError)):
-            raise CheckpointReadError(
-                f'{source} could not be read: corrupt, truncated or not a checkpoint ({type(e).__name__}: {e})') from e
+        damaged = _read_error(e) or (e if cfg.file and os.path.isfile(cfg.file) and isinstance(e, OSError) else None)
+        if damaged is not None:
+            raise CheckpointReadError(f'{source} could not be read: corrupt, truncated or not a checkpoint '
+                                      f'({describe_read_error(damaged)})') from e
         if not isinstance(e, OSError):
             raise
         if cfg.file:

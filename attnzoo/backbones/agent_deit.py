@@ -12,8 +12,9 @@ a key and a query with biases of its own and gets no depthwise-conv term.
 Any input size works; the official classification code takes only its training size. The
 position embedding and agent biases are stored on the 14x14 grid of ``img_size`` 224 and resized
 bilinearly to the grid at hand, as the official dense code of Agent-PVT and Agent-Swin does; the
-patch embedding pads the image to a multiple of 16. At ``img_size`` the output is the official
-model's.
+patch embedding pads the image to a multiple of 16. At an ``img_size`` that is a multiple of 16
+(every published one) the output is the official model's; at another, the official patch
+embedding drops the pixels past its last whole patch where this one pads, and the two differ.
 
 As a feature extractor it follows timm's ViTs: every block is a feature level, all at stride 16
 (``feature_info`` reductions are all 16), and ``features_only=True`` returns the patch tokens of the

@@ -11,10 +11,12 @@ final norm.
 
 Any input size works; the official classification code takes only its training size. Position
 embeddings and agent biases are stored at the feature sizes of ``img_size`` (224 for the
-published weights) and resized bilinearly to the map at hand, as the official dense code does;
-at ``img_size`` nothing is resized and the output is the official model's. Patch embeddings pad
-the map to a multiple of their stride, so every stage's map is the input size divided by the
-stride, rounded up.
+published weights) and resized bilinearly to the map at hand, as the official dense code does.
+Patch embeddings pad the map to a multiple of their stride, so every stage's map is the input size
+divided by the stride, rounded up, as in every family of the zoo. At an ``img_size`` that is a
+multiple of 32 (every published one) nothing is resized and the output is the official model's;
+at another, the official patch embeddings drop the pixels past their last whole patch where these
+pad, and the two differ.
 
 Module names are ours (``stages.i.patch_embed / pos_embed / blocks``); the official release files
 (``{'model': sd}``, ``patch_embed1.. / pos_embed1.. / block1..``, separate ``q`` and ``kv``

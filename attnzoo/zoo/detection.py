@@ -41,7 +41,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from attnzoo.backbones import CheckpointMismatchError, CheckpointReadError, family_of
-from attnzoo.backbones._helpers import _is_read_error, check_state_dict, unwrap_checkpoint
+from attnzoo.backbones._helpers import _read_error, check_state_dict, describe_read_error, unwrap_checkpoint
 
 from .dense import create_dense_backbone
 from .tasks import model_state_from
@@ -205,10 +205,11 @@ def _read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
             raise CheckpointReadError(
                 f'detection checkpoint {path} holds objects other than tensors and plain values; if you trust '
                 'it, load it with torch.load(path, weights_only=False) and pass its state dict') from e
-        if _is_read_error(e) or isinstance(e, OSError):
+        damaged = _read_error(e) or (e if isinstance(e, OSError) else None)
+        if damaged is not None:
             raise CheckpointReadError(
                 f'detection checkpoint {path} could not be read: corrupt, truncated or not a checkpoint '
-                f'({type(e).__name__}: {e})') from e
+                f'({describe_read_error(damaged)})') from e
         raise
     return unwrap_checkpoint(checkpoint, keys=('state_dict', 'model'))
 

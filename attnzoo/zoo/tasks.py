@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.models import load_state_dict
 
 from attnzoo.backbones import CheckpointReadError
-from attnzoo.backbones._helpers import _is_read_error, check_state_dict
+from attnzoo.backbones._helpers import _read_error, check_state_dict, describe_read_error
 
 __all__ = ['TASK_BUILDERS', 'create_task_model', 'load_task_checkpoint', 'model_state_from', 'read_checkpoint']
 
@@ -84,9 +84,10 @@ def read_checkpoint(path: str, use_ema: bool = False) -> Dict[str, Any]:
             raise CheckpointReadError(
                 f'checkpoint {path} holds objects other than tensors and plain values; if you trust it, load it '
                 'with torch.load(path, weights_only=False) and save its state dict alone') from e
-        if _is_read_error(e) or isinstance(e, OSError):
+        damaged = _read_error(e) or (e if isinstance(e, OSError) else None)
+        if damaged is not None:
             raise CheckpointReadError(f'checkpoint {path} could not be read: corrupt, truncated or not a '
-                                      f'checkpoint ({type(e).__name__}: {e})') from e
+                                      f'checkpoint ({describe_read_error(damaged)})') from e
         raise
 
 

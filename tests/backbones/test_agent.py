@@ -313,3 +313,15 @@ def test_agent_deit_intermediates_with_prefix_tokens_as_timm_vits():
     # the last block's class token after the final norm is forward_features' class token
     torch.testing.assert_close(pairs[-1][1], tokens[:, :1])
     torch.testing.assert_close(final, tokens)
+
+
+def test_checkpoint_of_a_variant_with_other_head_counts_is_a_mismatch(tmp_path):
+    # agent biases of another head count are no grid to resize: all differences named at once
+    path = tmp_path / 'deit_t.pth'
+    torch.save(timm.create_model('az_agent_deit_t', depth=2, num_agent_blocks=1).state_dict(), path)
+    from attnzoo.backbones import CheckpointMismatchError
+    with pytest.raises(CheckpointMismatchError, match='shapes that differ') as err:
+        timm.create_model('az_agent_deit_s', depth=2, num_agent_blocks=1, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)))
+    assert 'blocks.0.attn.an_bias: Agent-DeiT checkpoint (3, 49, 7, 7) vs model (6, 49, 7, 7)' in str(err.value)
+    assert 'blocks.0.attn.qkv.weight' in str(err.value)

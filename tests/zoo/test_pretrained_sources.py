@@ -74,6 +74,25 @@ def test_corrupt_checkpoint_is_reported_with_its_file(tmp_path):
         timm.create_model('az_shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
 
 
+def test_files_that_are_no_checkpoint_or_hold_damaged_values_are_refused(tmp_path):
+    from attnzoo.backbones import CheckpointReadError
+    # bytes that are no archive and no pickle: timm re-raises torch's refusal as a RuntimeError that
+    # advises weights_only=False, wrong for a damaged file and unsafe for one of unknown origin
+    for name, data in (('garbage.pth', bytes(range(256)) * 16), ('text.pth', b'not a checkpoint\n')):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(CheckpointReadError, match=f'{name} could not be read: corrupt') as err:
+            timm.create_model('az_shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        assert 'weights_only' not in str(err.value)
+    # damage inside a tensor's data loads without complaint but for the values
+    sd = timm.create_model('shvit_s1').state_dict()
+    sd['stages.2.blocks.0.conv.m.c.weight'][0, 0] = float('nan')
+    path = tmp_path / 'nan.pth'
+    torch.save(sd, path)
+    with pytest.raises(CheckpointReadError, match=r'non-finite values in 1 tensors \(stages\.2\.blocks\.0\.conv\.'):
+        timm.create_model('az_shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+
+
 def _convert(*args):
     return subprocess.run([sys.executable, str(ROOT / 'scripts' / 'convert_checkpoint.py'), *map(str, args)],
                           capture_output=True, text=True, timeout=300)
