@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained
 
 __all__ = [
     'ChannelsLastStage', 'CheckpointMismatchError', 'CheckpointReadError', 'PretrainedWeightsNotFoundError',
-    'StagedBackbone',
+    'StagedBackbone', 'TimmHeadBackbone',
     'build_backbone', 'check_input', 'check_state_dict', 'fill_out_norms', 'take_indices', 'unwrap_checkpoint',
 ]
 
@@ -39,8 +39,10 @@ class CheckpointReadError(RuntimeError):
     """A checkpoint file exists but cannot be read: damaged, truncated or not a checkpoint."""
 
 
-# it branches on the input's shape, which an FX proxy cannot answer: a leaf when traced
+# it branches on the input's shape, which an FX proxy cannot answer: a leaf when traced; and its
+# messages format shapes as TorchScript cannot: a Python call from scripted code
 @register_notrace_function
+@torch.jit.ignore
 def check_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> None:
     """Raise a ValueError stating expected and actual shapes unless x is (B, in_chans, H, W), H, W >= min_size."""
     if x.dim() != 4:
@@ -273,16 +275,18 @@ class StagedBackbone(nn.Module):
       ``forward_intermediates`` then returns each stage's output through its norm (and ``norm``
       has no further effect). The classification forward never uses them.
 
-    The head is either one of timm's head modules in ``self.head`` (``ClassifierHead`` or
-    ``NormMlpClassifierHead``: pooling, dropout and the classifier ``.fc`` in one), or
-    ``self.global_pool`` and a bare classifier ``self.head`` on ``num_features`` channels, with
-    dropout at ``self.drop_rate`` between them.
+    The head is ``self.global_pool`` and a bare classifier ``self.head`` on ``num_features``
+    channels, with dropout at ``self.drop_rate`` between them; or, in a ``TimmHeadBackbone``, one
+    of timm's head modules (``ClassifierHead`` or ``NormMlpClassifierHead``: pooling, dropout and
+    the classifier ``.fc`` in one).
     """
 
     family_name: str
     min_input_size: int
     has_final_norm: bool = False
     checkpoint_stage_sequence: bool = False
+    # class attributes TorchScript reads as constants (it sees only an instance's own attributes)
+    __constants__ = ['has_final_norm', 'checkpoint_stage_sequence']
 
     def _make_out_norms(self, dims: Sequence[int]) -> nn.ModuleList:
         """One LayerNorm per stage output (``nn.LayerNorm``'s eps, as the official dense code), NCHW."""
@@ -316,9 +320,15 @@ class StagedBackbone(nn.Module):
         if isinstance(self.head, _TIMM_HEADS):
             self.head.reset(num_classes, global_pool)
             return
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._make_pooled_head(num_classes, self.global_pool.pool_type if global_pool is None else global_pool)
+
+    def _make_pooled_head(self, num_classes: int, global_pool: str,
+                          classifier: Callable[[int, int], nn.Module] = nn.Linear) -> None:
+        """``self.global_pool`` and the bare ``self.head`` after it: ``classifier(in, num_classes)`` on
+        ``num_features`` channels per pooled statistic (two for 'catavgmax'), or the identity."""
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        width = self.num_features * self.global_pool.feat_mult()
+        self.head = classifier(width, num_classes) if num_classes > 0 else nn.Identity()
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         """The image ``(B, in_chans, H, W)`` to the first stage's NCHW input."""
@@ -389,22 +399,32 @@ class StagedBackbone(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``(B, in_chans, H, W)`` to the NCHW map the head pools."""
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        # TorchScript compiles neither block under `not is_scripting()`: the input checks name the
+        # model's class, which it cannot read, and it cannot checkpoint
+        if not torch.jit.is_scripting():
+            check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
         x = self._stem(x)
-        if self.checkpoint_stage_sequence and self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.stages, x)
-        else:
-            x = self.stages(x)
-        return self._head_features(x)
+        if not torch.jit.is_scripting():
+            if self.checkpoint_stage_sequence and self.grad_checkpointing:
+                return self._head_features(checkpoint_seq(self.stages, x))
+        return self._head_features(self.stages(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """The NCHW map ``forward_features`` returns to logits, or with ``pre_logits`` to the pooled
         features the classifier takes."""
-        if isinstance(self.head, _TIMM_HEADS):
-            return self.head(x, pre_logits=pre_logits)
         x = self.global_pool(x)
         x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+class TimmHeadBackbone(StagedBackbone):
+    """A ``StagedBackbone`` whose ``self.head`` is one of timm's head modules (pooling, dropout and
+    the classifier in one). Its own class, not a test of the head's type in ``forward_head``: the
+    other kind's call would not compile under TorchScript, which compiles both branches of a test
+    it cannot decide (an isinstance of a module class it has not compiled)."""
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)

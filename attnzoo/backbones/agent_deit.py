@@ -119,6 +119,9 @@ class AgentDeiT(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    # TorchScript compiles a module's properties; this one is for Python code (smp, timm helpers)
+    __jit_unused_properties__ = ['stages']
+
     @property
     def stages(self) -> nn.ModuleList:
         """The feature levels, for code written against hierarchical models: here, the blocks."""
@@ -216,10 +219,14 @@ class AgentDeiT(nn.Module):
         return taken
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        if not torch.jit.is_scripting():  # uncompiled by TorchScript, as in StagedBackbone.forward_features
+            check_input(x, self.in_chans, self.min_input_size, type(self).__name__)
         x, size = self._pos_embed(self.patch_embed(x))
         for block in self.blocks:
-            x = self._block(block, x, size)
+            if torch.jit.is_scripting():  # TorchScript passes no module to a method, nor checkpoints
+                x = block(x, size)
+            else:
+                x = self._block(block, x, size)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

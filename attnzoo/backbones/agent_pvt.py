@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import PatchEmbed, SelectAdaptivePool2d, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.layers import PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
@@ -160,8 +160,7 @@ class AgentPVT(StagedBackbone):
             in_chs = embed_dims[i]
             self.feature_info.append(dict(num_chs=in_chs, reduction=stride, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._make_pooled_head(num_classes, global_pool)
         self.apply(self._init_weights)
 
     @torch.jit.ignore

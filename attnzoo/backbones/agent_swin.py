@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, PatchEmbed, SelectAdaptivePool2d, to_2tuple
+from timm.layers import LayerNorm2d, PatchEmbed, to_2tuple
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 
@@ -176,8 +176,7 @@ class AgentSwin(StagedBackbone):
         self.norm = LayerNorm2d(self.num_features, eps=1e-5)
         # the official segmentation / detection backbones normalise every stage output (norm0..norm3)
         self.out_norms = self._make_out_norms([embed_dim * 2 ** i for i in range(num_stages)]) if out_norms else None
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._make_pooled_head(num_classes, global_pool)
         self.apply(self._init_weights)
 
     @torch.jit.ignore

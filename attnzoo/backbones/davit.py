@@ -24,7 +24,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from attnzoo.blocks import ChannelBlock, NormConvDownsample, PatchStem, PreNorm, SpatialBlock
 
-from ._helpers import StagedBackbone, build_backbone, check_state_dict, fill_out_norms, unwrap_checkpoint
+from ._helpers import TimmHeadBackbone, build_backbone, check_state_dict, fill_out_norms, unwrap_checkpoint
 
 __all__ = ['DaVit']
 
@@ -78,7 +78,7 @@ class DaVitStage(nn.Module):
         return self.blocks(x)
 
 
-class DaVit(StagedBackbone):
+class DaVit(TimmHeadBackbone):
     """DaViT: stem conv 7x7/4 + LN, four stages of dual attention, then pool -> LN -> linear.
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: padding is internal); features NCHW at

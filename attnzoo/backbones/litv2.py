@@ -32,7 +32,7 @@ from attnzoo.blocks import DeformableDownsample, DWConvMlpBlock, HiLoBlock
 
 from ._helpers import (
     ChannelsLastStage,
-    StagedBackbone,
+    TimmHeadBackbone,
     build_backbone,
     check_state_dict,
     fill_out_norms,
@@ -47,7 +47,7 @@ __all__ = ['LITv2']
 @register_notrace_function
 def pad_to_patches(x: torch.Tensor, p: int) -> torch.Tensor:
     """Zero-pad an NCHW map on the right and bottom to whole p x p patches."""
-    H, W = x.shape[-2:]
+    H, W = x.shape[-2], x.shape[-1]  # indexed: TorchScript unpacks no slice of a shape
     if H % p or W % p:
         x = F.pad(x, (0, -W % p, 0, -H % p))
     return x
@@ -99,7 +99,7 @@ class LITv2Stage(ChannelsLastStage):
         self.blocks = nn.Sequential(*blocks)
 
 
-class LITv2(StagedBackbone):
+class LITv2(TimmHeadBackbone):
     """LITv2: patchify stem 4x4 + LN, four stages, then LN -> pool -> linear.
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size: padding is internal); features NCHW at

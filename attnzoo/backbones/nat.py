@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerNorm2d, SelectAdaptivePool2d
+from timm.layers import LayerNorm2d
 from timm.models import generate_default_cfgs, register_model
 
 from attnzoo.blocks import ConvNormDownsample, DoubleConvStem, NeighborhoodAttentionBlock
@@ -170,8 +170,7 @@ class NAT(StagedBackbone):
         self.norm = LayerNorm2d(self.num_features, eps=1e-5)
         # the official segmentation / detection backbones normalise every stage output (norm0..norm3)
         self.out_norms = self._make_out_norms(dims) if out_norms else None
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._make_pooled_head(num_classes, global_pool)
         # the official init: truncated normal linears with zero bias, convs and norms as PyTorch makes them
         self.apply(self._init_weights)
 

@@ -16,7 +16,6 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from attnzoo.blocks import ConvFFN, ConvNorm, ConvNormStem, NormLinear, PatchMerging, Residual, SingleHeadBlock
@@ -93,8 +92,7 @@ class SHViT(StagedBackbone):
         self._make_head(num_classes, global_pool)
 
     def _make_head(self, num_classes: int, global_pool: str) -> None:
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = NormLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._make_pooled_head(num_classes, global_pool, NormLinear)
         self.head.train(self.training)  # a head reset on an eval-mode model must not start training its norm
 
     @torch.jit.ignore

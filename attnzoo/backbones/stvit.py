@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import SelectAdaptivePool2d, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from attnzoo.blocks import SuperTokenBlock
@@ -154,8 +154,7 @@ class STViT(StagedBackbone):
         self._make_head(num_classes, global_pool)
 
     def _make_head(self, num_classes: int, global_pool: str) -> None:
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._make_pooled_head(num_classes, global_pool)
         if isinstance(self.head, nn.Linear):
             # the official init touches only linear layers, and the classifier is the only one
             trunc_normal_(self.head.weight, std=.02)

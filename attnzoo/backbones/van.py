@@ -25,7 +25,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from attnzoo.blocks import LKABlock, PatchStem
 
-from ._helpers import StagedBackbone, build_backbone, check_state_dict, unwrap_checkpoint
+from ._helpers import TimmHeadBackbone, build_backbone, check_state_dict, unwrap_checkpoint
 
 __all__ = ['VAN']
 
@@ -64,7 +64,7 @@ class VanStage(nn.Module):
         return self.norm(x)
 
 
-class VAN(StagedBackbone):
+class VAN(TimmHeadBackbone):
     """VAN: stem conv 7x7/4 + BN, four stages of LKA blocks, then average pool -> linear.
 
     Input ``(B, in_chans, H, W)`` with H, W >= 32 (any size); features NCHW at strides 4, 8, 16, 32,

@@ -28,7 +28,7 @@ Size = Tuple[int, int]
 
 def _resize(grid: torch.Tensor, size: Size) -> torch.Tensor:
     """Bilinear resize of the last two dims of a ``(N, C, h, w)`` grid; the grid itself when it fits already."""
-    if tuple(grid.shape[-2:]) == tuple(size):
+    if grid.shape[-2] == size[0] and grid.shape[-1] == size[1]:
         return grid
     return F.interpolate(grid, size=size, mode='bilinear', align_corners=False)
 
@@ -102,6 +102,9 @@ class AgentAttention(nn.Module):
             self.ac_bias = nn.Parameter(torch.zeros(1, num_heads, agent_num, 1))
             self.ca_bias = nn.Parameter(torch.zeros(1, num_heads, 1, agent_num))
             biases += [self.ac_bias, self.ca_bias]
+        else:
+            self.register_parameter('ac_bias', None)
+            self.register_parameter('ca_bias', None)
         for bias in biases:
             trunc_normal_(bias, std=.02)
 
@@ -111,7 +114,7 @@ class AgentAttention(nn.Module):
         if self.agent_grid == self.bias_agent_grid:
             return bias
         heads, _, length = bias.shape
-        grid = bias.reshape(heads, *self.bias_agent_grid, length).permute(0, 3, 1, 2)
+        grid = bias.reshape(heads, self.bias_agent_grid[0], self.bias_agent_grid[1], length).permute(0, 3, 1, 2)
         grid = F.interpolate(grid, size=self.agent_grid, mode='bilinear', align_corners=False)
         return grid.reshape(heads, length, self.agent_num).transpose(1, 2)
 
@@ -127,11 +130,15 @@ class AgentAttention(nn.Module):
         # directions are resized together (one interpolation per grid size keeps compiled graphs small)
         grids = _resize(torch.cat([self.an_bias, self.na_bias]), size)
         rows_cols = torch.cat([self.ah_bias + self.aw_bias, (self.ha_bias + self.wa_bias).permute(0, 3, 1, 2)])
-        to_keys, to_agents = (grids + _resize(rows_cols, size)).chunk(2)
+        both = grids + _resize(rows_cols, size)
+        to_keys, to_agents = both[:heads], both[heads:]  # halves by index: TorchScript cannot unpack chunk's list
         agent_bias = to_keys.reshape(heads, n, -1)
         query_bias = to_agents.reshape(heads, n, -1).transpose(1, 2)
-        if self.num_prefix_tokens:
+        # tests of None, which TorchScript decides when compiling: a model without a class token
+        # has no class-token biases to compile
+        if self.ac_bias is not None:
             agent_bias = torch.cat([self.ac_bias[0], agent_bias], dim=2)
+        if self.ca_bias is not None:
             query_bias = torch.cat([self.ca_bias[0], query_bias], dim=1)
         return self._resize_agents(agent_bias), self._resize_agents(query_bias.transpose(1, 2)).transpose(1, 2)
 
@@ -146,7 +153,7 @@ class AgentAttention(nn.Module):
         agents = F.adaptive_avg_pool2d(q_map, self.agent_grid).flatten(2).transpose(1, 2)
         agents = agents.reshape(B, self.agent_num, self.num_heads, self.head_dim)
         agent_bias, query_bias = self.position_biases((H, W))
-        x = agent_attention(q, k, v, agents, agent_bias, query_bias, scale=self.scale).reshape(B, N, C)
+        x = agent_attention(q, k, v, agents, agent_bias, query_bias, self.scale).reshape(B, N, C)
         # the depthwise conv over the value map is the term that restores feature diversity
         v_map = v[:, P:].reshape(B, H, W, C).permute(0, 3, 1, 2)
         local = self.dwc(v_map).flatten(2).transpose(1, 2)
@@ -241,7 +248,7 @@ class ShiftedWindowAttention(nn.Module):
         # (B * windows, heads, L, head_dim), 4-D as PyTorch's fused CPU attention wants it (a 5-D
         # batch runs the unfused path); the bias broadcasts over windows, the shift mask over heads
         L = wh * ww
-        q, k, v = self.qkv(x).view(B * nh * nw, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B * nh * nw, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.relative_position_bias(wh, ww).to(q.dtype)[None]  # (1, heads, L, L)
         if sh or sw:
             ids = self._regions(Hp, wh, sh, x.device)[:, None] * 3 + self._regions(Wp, ww, sw, x.device)[None, :]
@@ -275,7 +282,7 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Optional[Size] = None) -> torch.Tensor:
         B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 

@@ -50,7 +50,7 @@ class WindowAttention(nn.Module):
         n = B * nh * nw
         x = x.view(B, nh, wh, nw, ww, C).transpose(2, 3).reshape(n, wh, ww, C)
         q, k, v = self.qkv(x).view(n, wh, ww, 3, self.num_heads, C // self.num_heads).unbind(3)
-        x = window_attention(q, k, v, (wh, ww)).reshape(n, wh, ww, C)
+        x = window_attention(q, k, v, (wh, ww), None).reshape(n, wh, ww, C)
         x = self.proj(x)
         x = x.view(B, nh, nw, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
         if pad_b or pad_r:
@@ -79,10 +79,10 @@ class ChannelAttention(nn.Module):
         N = H * W
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
         if self.v2:
-            x = channel_attention(q, k, v, scale=N ** -0.5)
+            x = channel_attention(q, k, v, N ** -0.5)
         else:
             # the original attends k to v and applies the result to q
-            x = channel_attention(k, v, q, scale=self.head_dim ** -0.5)
+            x = channel_attention(k, v, q, self.head_dim ** -0.5)
         return self.proj(x.reshape(B, H, W, C))
 
 

@@ -52,6 +52,9 @@ class HiLoAttention(nn.Module):
         self.h_heads = num_heads - self.l_heads
         self.l_dim = self.l_heads * self.head_dim
         self.h_dim = self.h_heads * self.head_dim
+        # a branch without heads has None for its projections, which TorchScript reads when
+        # compiling: forward's tests of them leave that branch uncompiled
+        self.l_q = self.l_kv = self.l_proj = self.h_qkv = self.h_proj = None
         if self.l_heads:
             self.l_q = nn.Linear(dim, self.l_dim, bias=qkv_bias)
             self.l_kv = nn.Linear(dim, self.l_dim * 2, bias=qkv_bias)
@@ -64,7 +67,7 @@ class HiLoAttention(nn.Module):
         """Window attention of the Hi-Fi heads on a map of whole windows, NHWC -> (B, H, W, h_dim)."""
         B, H, W, _ = x.shape
         q, k, v = self.h_qkv(x).reshape(B, H, W, 3, self.h_heads, self.head_dim).unbind(3)
-        x = window_attention(q, k, v, self.window_size)
+        x = window_attention(q, k, v, self.window_size, None)
         return self.h_proj(x.reshape(B, H, W, self.h_dim))
 
     def lofi(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +79,7 @@ class HiLoAttention(nn.Module):
             # pool before projecting: the original projects the pooled map, which costs s*s times less
             x = F.avg_pool2d(x.permute(0, 3, 1, 2), s).permute(0, 2, 3, 1)
         k, v = self.l_kv(x).reshape(B, H // s, W // s, 2, self.l_heads, self.head_dim).unbind(3)
-        x = hilo_lofi(q, k, v)
+        x = hilo_lofi(q, k, v, None)
         return self.l_proj(x.reshape(B, H, W, self.l_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +88,9 @@ class HiLoAttention(nn.Module):
         pad_b, pad_r = (s - H % s) % s, (s - W % s) % s
         if pad_b or pad_r:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        if not self.l_heads:
+        if self.l_q is None:
             x = self.hifi(x)
-        elif not self.h_heads:
+        elif self.h_qkv is None:
             x = self.lofi(x)
         else:
             x = torch.cat((self.hifi(x), self.lofi(x)), dim=-1)
@@ -148,6 +151,10 @@ class DWConvMlpBlock(nn.Module):
         self.mlp = DWConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mlp_residual(x)
+
+    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        # a method of its own, which HiLoBlock calls: TorchScript compiles no super().forward
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -174,7 +181,7 @@ class HiLoBlock(DWConvMlpBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
-        return super().forward(x)
+        return self._mlp_residual(x)
 
 
 def _deform_conv2d_flop(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
@@ -240,10 +247,12 @@ class DeformableConv2d(nn.Module):
         dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         bias = None if self.bias is None else self.bias.to(dtype)
         x_in = x.to(dtype)
-        if channels_last and x_in.requires_grad:
-            x_in = _GradInFormat.apply(x_in, memory_format)
+        if not torch.jit.is_scripting():  # TorchScript compiles no autograd.Function
+            if channels_last and x_in.requires_grad:
+                x_in = _GradInFormat.apply(x_in, memory_format)
         out = deform_conv2d(
-            x_in, offset.to(dtype), self.weight.to(dtype), bias, stride=self.stride, padding=self.padding)
+            x_in, offset.to(dtype), self.weight.to(dtype), bias,
+            (self.stride, self.stride), (self.padding, self.padding))
         return out.to(x.dtype, memory_format=memory_format)
 
 
@@ -277,7 +286,7 @@ class DeformableDownsample(nn.Module):
         self.act = act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
+        H, W = x.shape[-2], x.shape[-1]
         if H % 2 or W % 2:
             x = F.pad(x, (0, W % 2, 0, H % 2))
         return self.act(self.norm(self.conv(x)))

@@ -38,7 +38,7 @@ class LargeKernelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lka(
             x, self.conv0.weight, self.conv0.bias, self.conv_spatial.weight, self.conv_spatial.bias,
-            self.conv1.weight, self.conv1.bias, dilation=3)
+            self.conv1.weight, self.conv1.bias, 3)
 
 
 class LKASpatialAttention(nn.Module):

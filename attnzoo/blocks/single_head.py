@@ -46,7 +46,7 @@ class SingleHeadAttention(nn.Module):
         x1, x2 = torch.split(x, [self.pdim, self.dim - self.pdim], dim=1)
         qkv = self.qkv(self.pre_norm(x1)).flatten(2).transpose(1, 2)  # (B, N, 2 * qk_dim + pdim)
         q, k, v = torch.split(qkv, [self.qk_dim, self.qk_dim, self.pdim], dim=2)
-        x1 = single_head_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(B, self.pdim, H, W)
+        x1 = single_head_attention(q, k, v, self.scale).transpose(1, 2).reshape(B, self.pdim, H, W)
         return self.proj(torch.cat([x1, x2], dim=1))
 
 

@@ -16,7 +16,7 @@ __all__ = ['PatchStem', 'NormConvDownsample', 'ConvNormStem', 'PatchMerging']
 @register_notrace_function
 def pad_to_multiple(x: torch.Tensor, multiple_h: int, multiple_w: int) -> torch.Tensor:
     """Zero-pad an NCHW map on the right and bottom up to multiples of the given sizes."""
-    H, W = x.shape[-2:]
+    H, W = x.shape[-2], x.shape[-1]  # indexed: TorchScript unpacks no slice of a shape
     pad_b = (multiple_h - H % multiple_h) % multiple_h
     pad_r = (multiple_w - W % multiple_w) % multiple_w
     if pad_b or pad_r:

@@ -50,7 +50,7 @@ class SuperTokenAttention(nn.Module):
         """Multi-head self-attention among all tokens of an NHWC map."""
         B, hh, ww, C = s.shape
         q, k, v = self.qkv(s).view(B, hh, ww, self.num_heads, 3, C // self.num_heads).unbind(4)
-        s = window_attention(q, k, v, (hh, ww)).reshape(B, hh, ww, C)
+        s = window_attention(q, k, v, (hh, ww), None).reshape(B, hh, ww, C)
         return self.proj_drop(self.proj(s))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ class SuperTokenAttention(nn.Module):
         pad_b, pad_r = (h - H % h) % h, (w - W % w) % w
         if pad_b or pad_r:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        s, a = super_token_sampling(x, self.stoken_size, self.n_iter)
+        s, a = super_token_sampling(x, self.stoken_size, self.n_iter, None)
         x = super_token_upsampling(self._attend(s), a, self.stoken_size)
         if pad_b or pad_r:
             x = x[:, :H, :W].contiguous()

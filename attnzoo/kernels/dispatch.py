@@ -137,5 +137,15 @@ class KernelOp:
 
 
 def kernel_op(reference: Callable) -> KernelOp:
-    """Decorator making a reference implementation the dispatching public op of the same name."""
-    return KernelOp(reference)
+    """Decorator making a reference implementation the dispatching public op of the same name.
+
+    TorchScript (timm's ``torch.jit.script`` contract) calls the op back in Python, as a function
+    ``torch.jit.ignore`` marks, with the reference's signature: each op gets a ``KernelOp`` subclass
+    of its own whose ``__call__`` wraps the reference, since the compiler reads an object's
+    parameters from its class's ``__call__``. The compiler neither fills in an ignored function's
+    defaults nor passes its keywords right: module code passes every argument, by position."""
+    def __call__(self, *args, **kwargs):
+        return KernelOp.__call__(self, *args, **kwargs)
+
+    __call__.__wrapped__ = reference
+    return type(f'KernelOp_{reference.__name__}', (KernelOp,), {'__call__': torch.jit.ignore(__call__)})(reference)

@@ -127,6 +127,28 @@ def test_features_head_and_classifier_reset(name):
 
 
 @pytest.mark.parametrize('name', HEAVY)
+def test_catavgmax_pool_feeds_a_classifier_twice_as_wide(name):
+    if name.startswith('az_davit'):
+        # timm's DaViT head (NormMlpClassifierHead) refuses a pooling that changes the width, ours too
+        with pytest.raises(AssertionError, match='changes the pooled width'):
+            timm.create_model(name, global_pool='catavgmax')
+        return
+    if name.startswith('az_agent_deit'):
+        # a plain ViT pools tokens, by its class token or their mean
+        with pytest.raises(ValueError, match="global_pool must be 'token', 'avg' or ''"):
+            timm.create_model(name, global_pool='catavgmax')
+        return
+    model = timm.create_model(name, global_pool='catavgmax', num_classes=7).eval()
+    x = torch.randn(1, 3, *NON_SQUARE)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert model.forward_head(feats, pre_logits=True).shape == (1, 2 * model.num_features)
+        assert model(x).shape == (1, 7)
+        model.reset_classifier(5)
+        assert model(x).shape == (1, 5)
+
+
+@pytest.mark.parametrize('name', HEAVY)
 def test_features_only_getter_and_intermediates(name, tmp_path):
     model, weights = _random_weights_as_pretrained(name, tmp_path)
     x = torch.randn(1, 3, *NON_SQUARE)
@@ -326,3 +348,17 @@ def test_features_only_fx_matches_getter(name, tmp_path):
         if o.dim() == 3:  # a plain ViT's blocks give tokens, prefix first, as timm's ViTs under 'fx'
             o = o[:, model.num_prefix_tokens:].transpose(1, 2).reshape(w.shape)
         torch.testing.assert_close(o, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('name', HEAVY)
+def test_torchscript_and_fx_then_torchscript_match_eager(name):
+    # timm's test suite scripts every model it does not exclude, directly and after an FX trace;
+    # the kernel ops run as Python calls from the scripted code (torch.jit.ignore)
+    from timm.layers import set_scriptable
+    with set_scriptable(True):
+        model = randomize_(timm.create_model(name, num_classes=10)).eval()
+    x = torch.randn(1, 3, 96, 80)
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), want, rtol=0, atol=0)
+        torch.testing.assert_close(torch.jit.script(_fx_graph(model))(x), want, rtol=0, atol=0)
