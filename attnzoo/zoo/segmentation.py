@@ -237,6 +237,11 @@ def _create_smp(
             encoder_kwargs['feature_cls'] = 'getter'
     encoder_kwargs.update(kwargs)
     in_chans = encoder_kwargs.pop('in_chans', 3)
+    if arch == 'fpn' and encoder_kwargs.get('encoder_depth', 5) < 5:
+        # below depth 5 smp's FPN decoder reads the empty stride-2 level it adds to an encoder whose
+        # levels start at stride 4, and fails (timm's ConvNeXt as a tu- encoder fails alike)
+        raise ValueError(f"smp:fpn takes {backbone} at encoder_depth 5 only, got {encoder_kwargs['encoder_depth']}: "
+                         "smp's FPN fails on encoders whose first level is at stride 4 below that depth")
     try:
         model = smp.create_model(
             arch, encoder_name=f'tu-{backbone}', encoder_weights=True if pretrained else None,

@@ -129,6 +129,9 @@ def test_smp_tu_encoder_and_dense_settings():
         create_segmentation_model('smp:unet', 'az_agent_deit_t', 3)
     with pytest.raises(ValueError, match='dilated'):
         create_segmentation_model('smp:deeplabv3plus', 'az_van_b0', 3)
+    # smp's FPN below depth 5 trips on the empty stride-2 level of encoders that start at stride 4
+    with pytest.raises(ValueError, match='smp:fpn takes az_van_b0 at encoder_depth 5 only, got 4'):
+        create_segmentation_model('smp:fpn', 'az_van_b0', 3, encoder_depth=4)
 
 
 def test_smp_dpt_reads_agent_deit_as_a_vit_with_its_class_token():
