@@ -115,6 +115,7 @@ def test_volume_dataset_reads_the_folder_through_the_transform_hook(tmp_path):
     assert item['label'].shape == (12, 10, 8) and item['label'].dtype == torch.int64
     np.testing.assert_array_equal(item['label'].numpy(), read_nifti(paths[1][1]).data)
     torch.testing.assert_close(item['spacing'], torch.tensor([0.9, 0.9, 2.0], dtype=torch.float64))
+    assert item['shape'].tolist() == [12, 10, 8]
 
     seen = {}
 
@@ -148,3 +149,62 @@ def test_bad_volume_folders_are_refused(tmp_path):
     write_nifti(tmp_path / 'labelsTr' / 'case_001.nii.gz', np.zeros((8, 8, 8), np.uint8), spacing=(2, 2, 2))
     with pytest.raises(ValueError, match='affines differ'):
         VolumeDataset(tmp_path)[1]
+
+
+def test_spacing_is_the_affines_where_qform_and_sform_disagree(tmp_path):
+    # nibabel's affine is the sform; the header's zooms are the qform's: the spacing goes with the affine
+    import nibabel as nib
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([1., 1., 1., 1.]))
+    img.set_sform(np.diag([0.8, 0.9, 3.0, 1.]), code=1)
+    nib.save(img, tmp_path / 'v.nii.gz')
+    volume = read_nifti(tmp_path / 'v.nii.gz')
+    np.testing.assert_allclose(volume.affine, np.diag([0.8, 0.9, 3.0, 1.]))
+    assert volume.spacing == pytest.approx((0.8, 0.9, 3.0))
+
+
+def _task(num_classes=3):
+    from attnzoo.recipes.tasks import MedicalSegmentationTask
+    task = MedicalSegmentationTask(arch='agunet', spatial_dims=2, in_chans=1, num_classes=num_classes,
+                                   model_kwargs={'channels': [4, 8]})
+    task.configure_models()
+    return task
+
+
+def test_case_dice_counts_false_positives_and_leaves_out_classes_absent_from_both():
+    from monai.metrics import compute_dice
+    from monai.networks.utils import one_hot
+    label = torch.zeros(3, 8, 8, dtype=torch.long)
+    pred = torch.zeros(3, 8, 8, dtype=torch.long)
+    label[0, :4], pred[0, :4] = 1, 1          # class 1 found exactly; class 2 absent from both
+    pred[1, 2:5, 2:5] = 2                     # a tumour-free case with a false positive of class 2
+    label[2, :2], pred[2, 1:3] = 2, 2         # class 2 half found; class 1 absent from both
+    logits = one_hot(pred[:, None], 3) * 10.
+    dice, _ = _task()._scores(logits, label, None)
+    # MONAI's ignore_empty=False per class, with the classes absent from both left out
+    per_class = compute_dice(one_hot(pred[:, None], 3), one_hot(label[:, None], 3), include_background=False,
+                             ignore_empty=False)
+    torch.testing.assert_close(dice, torch.stack([per_class[0, 0], per_class[1, 1], per_class[2, 1]]))
+    torch.testing.assert_close(dice, torch.tensor([1.0, 0.0, 0.5]))
+
+
+def test_labels_outside_the_class_count_and_one_class_are_refused():
+    task = _task()
+    label = torch.zeros(1, 8, 8, dtype=torch.long)
+    label[0, 0, 0] = 4
+    with pytest.raises(ValueError, match='labels hold values from 0 to 4, outside 0..2 of num_classes=3'):
+        task._scores(torch.randn(1, 3, 8, 8), label, None)
+    with pytest.raises(ValueError, match='outside 0..2'):
+        task.training_step({'image': torch.randn(1, 1, 8, 8), 'label': label}, 0)
+    with pytest.raises(ValueError, match='num_classes counts the background too: at least 2, got 1'):
+        _task(num_classes=1)
+
+
+def test_predictions_on_another_grid_than_the_image_are_not_written(tmp_path):
+    from attnzoo.recipes.tasks import MedicalSegmentationTask
+    batch = {'labels': torch.zeros(1, 6, 5, 4, dtype=torch.uint8), 'cases': ['case_000'],
+             'affines': torch.eye(4)[None], 'shapes': [[12, 10, 8]]}
+    with pytest.raises(ValueError, match=r'case case_000: predicted on a \(6, 5, 4\) grid, its image is \(12, 10, 8\)'):
+        MedicalSegmentationTask.write_predictions([batch], str(tmp_path / 'out'))
+    batch['shapes'] = [[6, 5, 4]]
+    MedicalSegmentationTask.write_predictions([batch], str(tmp_path / 'out'))
+    assert read_nifti(tmp_path / 'out' / 'case_000.nii.gz').data.shape == (6, 5, 4)

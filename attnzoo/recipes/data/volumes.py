@@ -55,8 +55,11 @@ def read_nifti(path: PathLike) -> Volume:
         raise ValueError(f'{path} is not a readable NIfTI file: {e}') from e
     if data.ndim not in (3, 4):
         raise ValueError(f'{path} holds a {data.ndim}-D array; volumes are 3D, or 4D with channels last')
-    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return Volume(np.asarray(data), np.asarray(img.affine, dtype=np.float64), spacing)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    # the affine's own spacing: a header whose qform and sform disagree has zooms of the qform while
+    # nibabel's affine is the sform, and predictions are written on that affine
+    spacing = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
+    return Volume(np.asarray(data), affine, spacing)
 
 
 def write_nifti(
@@ -171,8 +174,9 @@ class VolumeDataset(Dataset):
     Each item is a dict: ``image`` float32 ``(C, D, H, W)`` (intensities as stored: normalising
     them, e.g. z-scoring, is the transform's or the recipe's business; the synthetic volumes lie in
     [0, 1]), ``label`` int64 ``(D, H, W)``, ``spacing`` float64 ``(3,)`` (mm, along D, H, W),
-    ``affine`` float64 ``(4, 4)`` (both the image file's: a transform that resamples changes
-    them, which the caller accounts for) and ``case`` (the file name without suffix). ``cases`` picks
+    ``affine`` float64 ``(4, 4)`` and ``shape`` ``(3,)`` (all three the image file's: a transform
+    that resamples changes them, which the caller accounts for) and ``case`` (the file name without
+    suffix). ``cases`` picks
     case names (default: every image). ``transform`` is called as ``sample = transform(**sample)``
     on ``{'image': (C, D, H, W) float32, 'label': (D, H, W) int64}`` numpy arrays before the
     conversion to tensors, and returns such a dict (to use MONAI's dict transforms, which take one
@@ -232,5 +236,6 @@ class VolumeDataset(Dataset):
             'label': torch.as_tensor(np.ascontiguousarray(sample['label']), dtype=torch.int64),
             'spacing': torch.tensor(image.spacing, dtype=torch.float64),
             'affine': torch.from_numpy(image.affine),
+            'shape': torch.tensor(label.data.shape),
             'case': name,
         }

@@ -32,8 +32,9 @@ class MedicalSegmentationTask(BaseTask):
     processes): Dice of the foreground classes (``val_dice``, MONAI's ``compute_dice``) and their
     95th-percentile Hausdorff distance (``val_hd95``, MONAI's ``compute_hausdorff_distance`` with
     ``percentile=95``). A class absent from both the label and the prediction has neither and is
-    left out of a case's mean; a case whose prediction or label is empty has no HD95 and is left out
-    of ``val_hd95`` (its Dice of 0 counts).
+    left out of a case's mean; one predicted where the label has none has Dice 0 (MONAI's
+    ``ignore_empty=False``), so false positives on a tumour-free case count; a case whose prediction
+    or label is empty has no HD95 and is left out of ``val_hd95`` (its Dice of 0 counts).
 
     Args:
         arch: 'agunet' or 'daunet'.
@@ -82,6 +83,8 @@ class MedicalSegmentationTask(BaseTask):
         hp = self.hparams
         if hp.arch not in ('agunet', 'daunet'):
             raise ValueError(f"MedicalSegmentationTask segments with 'agunet' or 'daunet', got {hp.arch!r}")
+        if hp.num_classes < 2:
+            raise ValueError(f'num_classes counts the background too: at least 2, got {hp.num_classes}')
         self.model = create_medical_model(
             hp.arch, hp.backbone, spatial_dims=hp.spatial_dims, in_chans=hp.in_chans, num_classes=hp.num_classes,
             **(hp.model_kwargs or {}))
@@ -126,8 +129,19 @@ class MedicalSegmentationTask(BaseTask):
         return sliding_window_inference(
             x, list(hp.roi_size), hp.sw_batch_size, self.eval_model, overlap=hp.overlap, mode='gaussian')
 
+    def _check_labels(self, y: torch.Tensor) -> None:
+        """A label outside 0..num_classes-1 as an error that says so (MONAI's one-hot fails on it
+        with an index error, on CUDA with a device-side assert)."""
+        low, high = (int(v) for v in torch.aminmax(y))
+        n = self.hparams.num_classes
+        if low < 0 or high >= n:
+            raise ValueError(f'labels hold values from {low} to {high}, outside 0..{n - 1} of num_classes={n}: '
+                             'set num_classes to the largest label + 1, or map the labels to 0..num_classes-1')
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = self._unpack(batch)
+        if batch_idx == 0:  # a wrong class count shows on any batch; checking one spares a sync per step
+            self._check_labels(y)
         out = self.model(self._input(x))
         # DeepSupervisionLoss takes one map or the list of levels; labels carry a channel axis
         loss = self.criterion(out, y[:, None].float())
@@ -141,9 +155,15 @@ class MedicalSegmentationTask(BaseTask):
         from monai.metrics import compute_dice, compute_hausdorff_distance
         from monai.networks.utils import one_hot
         n = self.hparams.num_classes
+        self._check_labels(y)
         pred = one_hot(logits.argmax(1, keepdim=True), n)
         target = one_hot(y[:, None], n)
-        dice = compute_dice(pred, target, include_background=False, ignore_empty=True)
+        # MONAI's ignore_empty=False, so a class predicted where the label has none scores 0 (with
+        # ignore_empty=True it is left out, and false positives on a tumour-free case cost nothing);
+        # a class absent from both, which MONAI would score 1, is left out of the case's mean
+        dice = compute_dice(pred, target, include_background=False, ignore_empty=False)
+        present = (pred[:, 1:] + target[:, 1:]).flatten(2).amax(2) > 0
+        dice = torch.where(present, dice, torch.full_like(dice, float('nan')))
         spacings = spacing.tolist() if spacing is not None else None
         hd = compute_hausdorff_distance(pred, target, include_background=False, percentile=95, spacing=spacings)
         hd = torch.where(torch.isfinite(hd), hd, torch.full_like(hd, float('nan')))
@@ -184,13 +204,18 @@ class MedicalSegmentationTask(BaseTask):
             out['cases'] = list(batch.get('case', []))
             if 'affine' in batch:
                 out['affines'] = batch['affine'].cpu()
+            if 'shape' in batch:
+                out['shapes'] = batch['shape'].tolist()
         return out
 
     @staticmethod
     def write_predictions(predictions: List[Dict[str, Any]], path: str, dataset: Any = None, first: int = 0,
                           step: int = 1) -> str:
         """Write predict's label maps into the folder ``path``: volumes as ``<case>.nii.gz`` on their
-        image's affine (so they overlay the image in any NIfTI viewer), 2D maps as PNGs by index."""
+        image's affine (so they overlay the image in any NIfTI viewer), 2D maps as PNGs by index.
+
+        A volume predicted on another grid than its image's (a transform that resampled or cropped it)
+        is refused: written on the image's affine it would cover another region."""
         import numpy as np
         os.makedirs(path, exist_ok=True)
         n = 0
@@ -199,6 +224,11 @@ class MedicalSegmentationTask(BaseTask):
             for i, label in enumerate(batch['labels']):
                 array = label.numpy()
                 name = cases[i] if i < len(cases) else f'{first + step * n:06d}'
+                if 'shapes' in batch and tuple(array.shape) != tuple(batch['shapes'][i]):
+                    raise ValueError(
+                        f'case {name}: predicted on a {tuple(array.shape)} grid, its image is '
+                        f'{tuple(batch["shapes"][i])}: a prediction transform that resamples or crops must be '
+                        'inverted before writing (the affine is the image file\'s)')
                 if array.ndim == 3:
                     from ..data.volumes import write_nifti
                     affine = batch['affines'][i].numpy() if 'affines' in batch else None
