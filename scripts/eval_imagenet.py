@@ -25,8 +25,9 @@ from attnzoo.recipes.evaluation.common import EvaluationError, format_table, wri
 from attnzoo.recipes.evaluation.imagenet import evaluate_classifier, expand_model_names
 
 # what a user can fix: printed as one line, no traceback
+# (ValueError: an input size below the model's least, said by the model)
 USER_ERRORS = (EvaluationError, CheckpointMismatchError, CheckpointReadError, PretrainedWeightsNotFoundError,
-               FileNotFoundError)
+               FileNotFoundError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--crop-pct', type=float, default=None, metavar='PCT', help='center crop fraction (model default)')
     p.add_argument('--crop-mode', default=None, choices=('center', 'squash', 'border'),
                    help='crop mode (model default)')
-    p.add_argument('--interpolation', default='', metavar='NAME', help='resize interpolation (model default)')
+    p.add_argument('--interpolation', default='', choices=('', 'bilinear', 'bicubic', 'nearest', 'random'),
+                   metavar='NAME', help='resize interpolation: bilinear, bicubic, nearest (model default)')
     p.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='normalisation mean override')
     p.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='normalisation std override')
     p.add_argument('--num-classes', type=int, default=None, help='classes of the checkpoint (model default)')
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--channels-last', action='store_true', help='channels_last memory layout')
     p.add_argument('--no-prefetcher', action='store_true', help="normalise in the transform, not timm's prefetcher")
     p.add_argument('--pin-mem', action='store_true', help='pin host memory in the loader')
+    p.add_argument('--seed', type=int, default=42, metavar='S',
+                   help="random seed, set before each model is built (default: 42, validate.py's)")
     p.add_argument('--results-file', default='', metavar='FILE', help="write validate.py's result columns here")
     p.add_argument('--results-format', default='csv', choices=('csv', 'json'), help='results file format')
     p.add_argument('--no-progress', action='store_true', help='no progress bars')
@@ -79,6 +83,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(str(e))
     if args.checkpoint and len(names) > 1:
         parser.error(f'--checkpoint fits one model, got {len(names)}: {", ".join(names)}')
+    for flag in ('mean', 'std'):
+        if getattr(args, flag) is not None and len(getattr(args, flag)) not in (1, 3):
+            parser.error(f'--{flag} takes one value or one per channel (3), got {len(getattr(args, flag))}')
+    # validate.py's bulk mode, for several names or a wildcard however many it matches: a list of
+    # results sorted by top-1; one named model gives its row alone
+    bulk = len(args.model) > 1 or any(c in m for m in args.model for c in '*?[')
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # as validate.py
         torch.backends.cudnn.benchmark = True
@@ -94,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 use_train_size=args.use_train_size, split=args.split, class_map=args.class_map,
                 batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
                 amp_dtype=args.amp_dtype, channels_last=args.channels_last, prefetcher=not args.no_prefetcher,
-                pin_memory=args.pin_mem, progress=not args.no_progress)
+                pin_memory=args.pin_mem, progress=not args.no_progress, seed=args.seed)
         except USER_ERRORS as e:
             print(f'error: {name}: {e}', file=sys.stderr)
             failures.append(name)
@@ -103,7 +113,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f'{r.images} images, {r.images_per_sec:.1f} img/s', flush=True)
         results.append(r)
 
-    if len(names) > 1:
+    if bulk:
         results.sort(key=lambda r: r.top1, reverse=True)  # validate.py's order for several models
     if results:
         rows = [dict(r.validate_row(), img_per_sec=r.images_per_sec) for r in results]
@@ -113,7 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                            floatfmt=dict(img_per_sec='.1f', param_count='.2f')))
     if args.results_file and results:
         out = [r.validate_row() for r in results]
-        write_results(args.results_file, out[0] if len(names) == 1 else out, args.results_format)
+        write_results(args.results_file, out if bulk else out[0], args.results_format)
     if failures:
         print(f'{len(failures)} of {len(names)} models failed: {", ".join(failures)}', file=sys.stderr)
         return 1

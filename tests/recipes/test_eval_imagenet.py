@@ -106,8 +106,9 @@ def test_folder_and_tar_give_the_oracle_numbers(script, imagenet, tmp_path, caps
     # the parent folder: the script finds val/ as validate.py does
     assert script.main([str(imagenet['root'])] + args + ['--results-file', str(out), '--results-format', 'json']) == 0
     row = json.loads(out.read_text())
+    # validate.py's columns for one model and a checkpoint file (its checkpoint column is for folders)
     assert list(row) == ['model', 'top1', 'top1_err', 'top5', 'top5_err', 'param_count', 'img_size', 'crop_pct',
-                         'interpolation', 'checkpoint']
+                         'interpolation']
     assert (row['top1'], row['top5']) == (top1, top5)
     assert row['top1_err'] == round(100 - top1, 4) and row['top5_err'] == round(100 - top5, 4)
     assert row['param_count'] == round(sum(p.numel() for p in imagenet['model'].parameters()) / 1e6, 2)
@@ -118,7 +119,7 @@ def test_folder_and_tar_give_the_oracle_numbers(script, imagenet, tmp_path, caps
     csv_out = tmp_path / 'results.csv'
     assert script.main([str(imagenet['tar'])] + args + ['--results-file', str(csv_out)]) == 0
     header, values = csv_out.read_text().splitlines()
-    assert header == 'model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation,checkpoint'
+    assert header == 'model,top1,top1_err,top5,top5_err,param_count,img_size,crop_pct,interpolation'
     assert values.split(',')[1:5] == [str(top1), str(round(100 - top1, 4)), str(top5), str(round(100 - top5, 4))]
 
 
@@ -180,6 +181,21 @@ def test_user_errors_exit_non_zero_with_a_clear_message(script, imagenet, tmp_pa
         imagenet['images'][c].save(few / f'n{c}' / 'a.png')
     code, err = run(few)
     assert code == 1 and 'has 3 classes (subfolders) but az_shvit_s1 predicts 8' in err and '--class-map' in err
+    # a class folder without images is no class to the reader: said, rather than a count that would
+    # shift every later class's index
+    for c in range(3, NUM_CLASSES):
+        (few / f'n{c}').mkdir()
+        if c != 4:
+            imagenet['images'][c].save(few / f'n{c}' / 'a.png')
+    code, err = run(few)
+    assert code == 1 and 'class folders without images: n4' in err
+
+    # flags validate.py would take and then fail on with a traceback
+    code, err = run(imagenet['root'], '--input-size', '3', '40', '40')
+    assert code == 1 and 'needs H and W of at least 64' in err and 'Traceback' not in err
+    with pytest.raises(SystemExit):
+        script.main([str(imagenet['root']), *common, '--mean', '0.5', '0.5'])
+    assert '--mean takes one value or one per channel (3), got 2' in capsys.readouterr().err
 
     # the checkpoint's head has 8 outputs, the model asked for 10: every differing tensor is named
     code = script.main([str(imagenet['root']), *common[:2], '--num-classes', '10', *common[4:]])
@@ -198,6 +214,26 @@ def test_user_errors_exit_non_zero_with_a_clear_message(script, imagenet, tmp_pa
     with pytest.raises(SystemExit) as exit_info:
         script.main([str(imagenet['root']), '--model', 'az_no_such_model'])
     assert exit_info.value.code == 2 and 'unknown model' in capsys.readouterr().err
+
+
+def test_seeded_head_and_a_wildcard_write_a_list_as_validate_does(script, imagenet, tmp_path):
+    # a head built anew (pretrained weights, another class count) is the same every run, as
+    # validate.py seeds (42) before building the model; a wildcard is its bulk mode even for one match
+    from attnzoo.zoo import save_pretrained
+    folder = save_pretrained(randomize_(timm.create_model('az_shvit_s1'), 5).eval(), tmp_path / 'm', card=False)
+    args = [str(imagenet['root']), '--num-classes', str(NUM_CLASSES), *DATA_FLAGS, '-b', '16', '-j', '0',
+            '--device', 'cpu', '--no-progress', '--results-format', 'json']
+    rows = []
+    for i in range(2):
+        out = tmp_path / f'r{i}.json'
+        assert script.main(args + ['--model', f'local-dir:{folder}', '--results-file', str(out)]) == 0
+        rows.append(json.loads(out.read_text()))
+    assert isinstance(rows[0], dict) and rows[0] == rows[1]
+    out = tmp_path / 'w.json'
+    assert script.main(args + ['--checkpoint', str(imagenet['checkpoint']), '--model', 'az_shvit_s1*',
+                               '--results-file', str(out)]) == 0
+    listed = json.loads(out.read_text())
+    assert isinstance(listed, list) and [r['model'] for r in listed] == ['az_shvit_s1.in1k']
 
 
 def test_wildcards_expand_to_pretrained_tags_as_validate_does():

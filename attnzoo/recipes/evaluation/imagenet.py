@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import timm
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.models import parse_model_name, split_model_name_tag
-from timm.utils import AverageMeter, accuracy
+from timm.utils import AverageMeter, accuracy, random_seed
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -176,6 +177,15 @@ def _tar_has_files(path: str) -> bool:
         return any(member.isfile() for member in tf)
 
 
+def _empty_class_folders(dataset: Dataset, class_to_idx: Dict[str, int]) -> List[str]:
+    """Subfolders of a folder dataset's class level that its reader found no image in."""
+    folder = Path(getattr(dataset.reader, 'root', ''))
+    if not folder.is_dir():  # a tar
+        return []
+    return sorted(child.name for child in folder.iterdir()
+                  if child.is_dir() and not child.name.startswith('.') and child.name not in class_to_idx)
+
+
 def _check_classes(dataset: Dataset, model: nn.Module, name: str, root: str, class_map: str) -> None:
     num_classes = getattr(model, 'num_classes', None)
     if not num_classes:
@@ -190,6 +200,11 @@ def _check_classes(dataset: Dataset, model: nn.Module, name: str, root: str, cla
             raise ClassCountMismatchError(
                 f'class map {class_map} uses indices up to {top - 1}, but {name} predicts {num_classes} classes')
     elif len(class_to_idx) != num_classes:
+        # timm's reader skips a class folder without images, which shifts every later class's index
+        empty = _empty_class_folders(dataset, class_to_idx)
+        if empty:
+            raise DatasetError(f'{root}: class folders without images: {", ".join(empty[:5])}; every class folder '
+                               'needs its images, or the classes after an empty one get the wrong indices')
         raise ClassCountMismatchError(
             f'{root} has {len(class_to_idx)} classes (subfolders) but {name} predicts {num_classes}: pass '
             f'--class-map FILE to map folder names to the model\'s class indices, or --num-classes '
@@ -220,14 +235,12 @@ class ClassificationResult:
         return round(100 - self.top5, 4)
 
     def validate_row(self) -> 'OrderedDict[str, Any]':
-        """The row ``validate.py`` writes, same columns in the same order (``checkpoint`` when one was given)."""
-        row = OrderedDict(
+        """The row ``validate.py`` writes for a model, same columns in the same order (its
+        ``checkpoint`` column belongs to its folder-of-checkpoints mode, which this has not)."""
+        return OrderedDict(
             model=self.model, top1=self.top1, top1_err=self.top1_err, top5=self.top5, top5_err=self.top5_err,
             param_count=self.param_count, img_size=self.img_size, crop_pct=self.crop_pct,
             interpolation=self.interpolation)
-        if self.checkpoint:
-            row['checkpoint'] = self.checkpoint
-        return row
 
 
 def evaluate_classifier(
@@ -251,6 +264,7 @@ def evaluate_classifier(
         prefetcher: bool = True,
         pin_memory: bool = False,
         progress: bool = True,
+        seed: int = 42,
 ) -> ClassificationResult:
     """Evaluate classifier ``name`` on the images under ``root`` as timm's ``validate.py`` does.
 
@@ -258,7 +272,9 @@ def evaluate_classifier(
     is given. ``data_args`` are ``validate.py``'s data flags as a dict (``img_size``, ``input_size``
     (C, H, W), ``crop_pct``, ``crop_mode``, ``interpolation``, ``mean``, ``std``), resolved against the
     model's pretrained_cfg by ``timm.data.resolve_data_config``. Images are (B, C, H, W) float tensors
-    normalised by the loader (timm's prefetcher, or the transform with ``prefetcher=False``).
+    normalised by the loader (timm's prefetcher, or the transform with ``prefetcher=False``). The
+    random generators are seeded with ``seed`` before the model is built, as ``validate.py`` does
+    (a head built anew for ``num_classes`` is then the same from run to run).
 
     Raises DatasetError, ClassCountMismatchError, CheckpointMismatchError, CheckpointReadError,
     PretrainedWeightsNotFoundError or FileNotFoundError with a message that says what to fix.
@@ -274,6 +290,7 @@ def evaluate_classifier(
     # the dataset first: a wrong path should not cost a model download
     dataset = create_eval_dataset(root, split=split, class_map=class_map,
                                   input_img_mode='RGB' if (in_chans or 3) == 3 else 'L')
+    random_seed(seed)
     model = create_classifier(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
                               in_chans=in_chans, use_ema=use_ema)
     _check_classes(dataset, model, name, root, class_map)
