@@ -27,8 +27,8 @@ from attnzoo.recipes.evaluation.imagenet import create_classifier
 from attnzoo.zoo import create_task_model, push_to_hub, save_pretrained
 from attnzoo.zoo.tasks import load_task_checkpoint
 
-USER_ERRORS = (CheckpointMismatchError, CheckpointReadError, PretrainedWeightsNotFoundError, FileNotFoundError,
-               ValueError)
+# OSError: the Hub out of reach (offline mode included: huggingface_hub's OfflineModeIsEnabled)
+USER_ERRORS = (CheckpointMismatchError, CheckpointReadError, PretrainedWeightsNotFoundError, OSError, ValueError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +60,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.task_config:
             text = args.task_config
-            cfg = json.loads(Path(text).read_text() if os.path.isfile(text) else text)
+            if os.path.isfile(text):
+                text = Path(text).read_text()
+            elif not text.lstrip().startswith('{'):
+                raise FileNotFoundError(f'--task-config {text} is neither a file nor inline json')
+            try:
+                cfg = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'--task-config is not valid json: {e}') from e
             model = create_task_model(cfg)
             if args.checkpoint:
                 load_task_checkpoint(model, args.checkpoint, use_ema=args.use_ema)

@@ -120,12 +120,19 @@ def check_state_dict(
     if missing or unexpected or shapes:
         lines = [f'{source} does not fit {type(model).__name__}:']
         if missing:
-            lines.append(f'  missing keys ({len(missing)}): ' + ', '.join(missing))
+            lines.append(f'  missing keys ({len(missing)}): ' + _first(missing, ', '))
         if unexpected:
-            lines.append(f'  unexpected keys ({len(unexpected)}): ' + ', '.join(unexpected))
+            lines.append(f'  unexpected keys ({len(unexpected)}): ' + _first(unexpected, ', '))
         if shapes:
-            lines.append(f'  shapes that differ ({len(shapes)}): ' + '; '.join(shapes))
+            lines.append(f'  shapes that differ ({len(shapes)}): ' + _first(shapes, '; '))
         raise CheckpointMismatchError('\n'.join(lines))
+
+
+def _first(items: Sequence[str], sep: str, limit: int = 25) -> str:
+    """The first ``limit`` items joined: a checkpoint of another architecture differs in every key,
+    and a message of thousands of names helps no one."""
+    more = f'{sep}... and {len(items) - limit} more' if len(items) > limit else ''
+    return sep.join(items[:limit]) + more
 
 
 def fill_out_norms(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -129,15 +129,14 @@ def _result(task: str, ds, metric_type: str, name: str, value: float, task_name:
 
 def _classification_results(data, model_names, dataset, source) -> List[EvalResult]:
     rows = data if isinstance(data, list) else [data]
-    if len(rows) > 1:
-        names = {n.split('.')[0] for n in model_names if n}
-        wanted = [r for r in rows if str(r.get('model', '')).split('.')[0] in names]
-        if len(wanted) != 1:
-            raise ValueError(
-                f'{source} holds {len(rows)} models, {len(wanted)} of them named {" or ".join(sorted(names))}; '
-                'give the results of this model alone')
-        rows = wanted
-    row = rows[0]
+    # by name, a single row too: another model's results must not reach this model's card
+    names = {n.split('.')[0] for n in model_names if n}
+    wanted = [r for r in rows if str(r.get('model', '')).split('.')[0] in names]
+    if len(wanted) != 1:
+        raise ValueError(
+            f'{source} holds {len(rows)} result rows, {len(wanted)} of them named {" or ".join(sorted(names))}; '
+            'give the results of this model alone')
+    row = wanted[0]
     ds = _dataset('classification', row, dataset)
     return [_result('classification', ds, 'accuracy', 'Top-1 accuracy', row['top1']),
             _result('classification', ds, 'top_5_accuracy', 'Top-5 accuracy', row['top5'])]
@@ -416,19 +415,25 @@ def from_pretrained(name: str, **kwargs: Any) -> nn.Module:
     CheckpointMismatchError.
     """
     source, ident = _locate(name)
-    with open(_fetch(source, ident, CONFIG_NAME)) as f:
-        config = json.load(f)
+    config_file = _fetch(source, ident, CONFIG_NAME)
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointReadError(f'{config_file} of saved model {name} is not valid json: {e}') from e
+    if not isinstance(config, dict) or ('attnzoo_cfg' not in config and 'architecture' not in config):
+        raise CheckpointReadError(f'{config_file} of saved model {name} names no architecture (a timm model\'s '
+                                  "'architecture' or a task model's 'attnzoo_cfg')")
     if 'attnzoo_cfg' not in config:
-        if source == 'hf-hub':
-            # fetch the weights first so that a missing file is named for any architecture (timm's
-            # loader tries model.safetensors, then pytorch_model.bin, as here)
+        # fetch the weights first so that a missing file is named for any architecture and source
+        # (timm's loader tries model.safetensors, then pytorch_model.bin, as here)
+        try:
+            _fetch(source, ident, WEIGHTS_NAME)
+        except PretrainedWeightsNotFoundError as e:
             try:
-                _fetch(source, ident, WEIGHTS_NAME)
-            except PretrainedWeightsNotFoundError as e:
-                try:
-                    _fetch(source, ident, 'pytorch_model.bin')
-                except PretrainedWeightsNotFoundError:
-                    raise e from None
+                _fetch(source, ident, 'pytorch_model.bin')
+            except PretrainedWeightsNotFoundError:
+                raise e from None
         try:
             return timm.create_model(f'{source}:{ident}', pretrained=True, **kwargs)
         except (PretrainedWeightsNotFoundError, CheckpointReadError):

@@ -160,6 +160,16 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
     assert 'stages.3.blocks.0.1.mlp.fc1.weight: DaViT checkpoint (10, 768) vs model (3072, 768)' in msg
 
 
+def test_checkpoint_of_another_architecture_names_the_first_differences_and_counts_the_rest(tmp_path):
+    path = tmp_path / 'van.pth'
+    torch.save(timm.create_model('az_van_b0').state_dict(), path)
+    with pytest.raises(attnzoo.CheckpointMismatchError) as err:
+        timm.create_model('az_shvit_s1', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    msg = str(err.value)
+    missing = int(re.search(r'missing keys \((\d+)\)', msg).group(1))
+    assert missing > 400 and f'... and {missing - 25} more' in msg and len(msg) < 8000
+
+
 def test_shvit_checkpoint_for_another_variant_is_refused(tmp_path):
     path = tmp_path / 's2.pth'
     torch.save({'model': timm.create_model('shvit_s2').state_dict()}, path)

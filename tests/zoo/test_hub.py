@@ -129,8 +129,11 @@ def test_model_card_carries_paper_license_size_and_the_eval_scripts_results(clas
     assert "timm.create_model('hf-hub:attnzoo/shvit-s1', pretrained=True)" in text
     assert '| COCO | val2017 | box AP | 41.23 |' in text
 
-    with pytest.raises(ValueError, match='2 models, 0 of them named'):
+    with pytest.raises(ValueError, match='2 result rows, 0 of them named'):
         eval_results_from(imagenet, ['az_davit_tiny'])
+    # one row of another model is not this model's result either
+    with pytest.raises(ValueError, match='1 result rows, 0 of them named az_davit_tiny'):
+        eval_results_from({'model': 'az_van_b0.in1k', 'top1': 75.4, 'top5': 92.6}, ['az_davit_tiny'])
     with pytest.raises(ValueError, match='none of the eval scripts'):
         eval_results_from({'accuracy': 1.0})
 
@@ -175,6 +178,21 @@ def test_push_to_hub_script_dry_run_writes_a_folder_that_loads(classifier, tmp_p
 
     assert script.main(['org/x', '--model', 'az_shvit_s1', '--checkpoint', str(checkpoint), '--dry-run', str(out)]) == 1
     assert 'does not fit' in capsys.readouterr().err
+    assert script.main(['org/x', '--task-config', str(tmp_path / 'no_cfg.json'), '--dry-run', str(out)]) == 1
+    assert 'no_cfg.json is neither a file nor inline json' in capsys.readouterr().err
+
+
+def test_broken_saved_folders_are_named(classifier, tmp_path):
+    folder = save_pretrained(classifier, tmp_path / 'shvit', card=False)
+    (folder / 'model.safetensors').unlink()
+    with pytest.raises(attnzoo.PretrainedWeightsNotFoundError, match='model.safetensors of saved model'):
+        from_pretrained(f'local-dir:{folder}')
+    (folder / 'config.json').write_text('{"num_classes": 5}')
+    with pytest.raises(attnzoo.CheckpointReadError, match="config.json of saved model .* names no architecture"):
+        from_pretrained(f'local-dir:{folder}')
+    (folder / 'config.json').write_text('not json')
+    with pytest.raises(attnzoo.CheckpointReadError, match='config.json of saved model .* is not valid json'):
+        from_pretrained(str(folder))
 
 
 def _same_outputs(a, b) -> bool:
