@@ -18,6 +18,7 @@ import sys
 from typing import List, Optional
 
 import torch
+from timm.utils import ParseKwargs
 
 import attnzoo  # noqa: F401  (registers the az_* models with timm)
 from attnzoo.backbones import CheckpointMismatchError, CheckpointReadError, PretrainedWeightsNotFoundError
@@ -54,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='normalisation mean override')
     p.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='normalisation std override')
     p.add_argument('--num-classes', type=int, default=None, help='classes of the checkpoint (model default)')
+    p.add_argument('--in-chans', type=int, default=None, metavar='N',
+                   help='input channels (default: from --input-size, else 3)')
+    p.add_argument('--gp', default=None, metavar='POOL', help='global pool type (model default)')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='more create_model arguments')
+    p.add_argument('--reparam', action='store_true',
+                   help='reparameterize (fuse) the model, e.g. SHViT\'s conv-BN pairs')
+    p.add_argument('--test-pool', action='store_true', help='test-time pooling where the input outgrows the model\'s')
+    p.add_argument('--crop-border-pixels', type=int, default=None, metavar='N', help='crop this many border pixels')
+    p.add_argument('--valid-labels', default='', metavar='FILE',
+                   help='output indices to score, one per line, in the folder\'s class order (a class subset)')
+    p.add_argument('--real-labels', default='', metavar='FILE',
+                   help='ImageNet-ReaL real.json: score against its labels')
     p.add_argument('--class-map', default='', metavar='FILE', help='class name to index map (.txt: one per line)')
     p.add_argument('-b', '--batch-size', type=int, default=256, metavar='N', help='batch size (default: 256)')
     p.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading workers (default: 4)')
@@ -104,7 +117,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 use_train_size=args.use_train_size, split=args.split, class_map=args.class_map,
                 batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
                 amp_dtype=args.amp_dtype, channels_last=args.channels_last, prefetcher=not args.no_prefetcher,
-                pin_memory=args.pin_mem, progress=not args.no_progress, seed=args.seed)
+                pin_memory=args.pin_mem, progress=not args.no_progress, seed=args.seed, in_chans=args.in_chans,
+                global_pool=args.gp, model_kwargs=args.model_kwargs, reparam=args.reparam, test_pool=args.test_pool,
+                crop_border_pixels=args.crop_border_pixels, valid_labels=args.valid_labels,
+                real_labels=args.real_labels)
         except USER_ERRORS as e:
             print(f'error: {name}: {e}', file=sys.stderr)
             failures.append(name)

@@ -240,3 +240,42 @@ def test_wildcards_expand_to_pretrained_tags_as_validate_does():
     from attnzoo.recipes.evaluation.imagenet import expand_model_names
     names = expand_model_names(['az_shvit_s*', 'test_resnet', 'local-dir:/some/folder', 'az_shvit_s1.in1k'])
     assert names == timm.list_models('az_shvit_s*', pretrained=True) + ['test_resnet', 'local-dir:/some/folder']
+
+
+def test_validate_model_and_scoring_options(script, imagenet, tmp_path):
+    # a 12-class model scored on the folder's 8 classes through --valid-labels, max pooling through
+    # --gp, fused through --reparam, and ImageNet-ReaL labels: each against its oracle
+    images, labels = imagenet['images'], imagenet['labels']
+    model = randomize_(timm.create_model('az_shvit_s1', num_classes=12, global_pool='max'), 7).eval()
+    valid = [11, 3, 5, 0, 9, 2, 7, 4]  # the folder's class c is output valid[c]
+    valid_file = tmp_path / 'valid.txt'
+    valid_file.write_text('\n'.join(map(str, valid)))
+    checkpoint = tmp_path / 'twelve.pth'
+    torch.save(model.state_dict(), checkpoint)
+    # ImageNet's validation names, which ReaL's real.json is indexed by: image i is file i + 1
+    val = tmp_path / 'val'
+    for i, (img, label) in enumerate(zip(images, labels)):
+        (val / f'n{label:08d}').mkdir(parents=True, exist_ok=True)
+        img.save(val / f'n{label:08d}' / f'ILSVRC2012_val_{i + 1:08d}.JPEG', quality=98)
+    order = ImageFolder(str(val))
+    files = [Image.open(path).convert('RGB') for path, _ in order.samples]
+    logits = _logits(model, files, DATA_ARGS)[:, valid]
+    target = torch.tensor(order.targets)
+    ranks = logits.argsort(1, descending=True)
+    want = _expected((ranks[:, 0] == target).sum().item(), (ranks[:, :5] == target[:, None]).any(1).sum().item())
+    common = [str(tmp_path), '--model', 'az_shvit_s1', '--num-classes', '12', '--checkpoint', str(checkpoint),
+              '--gp', 'max', '--valid-labels', str(valid_file), *DATA_FLAGS, '-b', '16', '-j', '0', '--device', 'cpu',
+              '--no-progress', '--results-format', 'json']
+    out = tmp_path / 'r.json'
+    for extra in ([], ['--reparam']):
+        assert script.main(common + extra + ['--results-file', str(out)]) == 0
+        row = json.loads(out.read_text())
+        assert (row['top1'], row['top5']) == want
+    # ReaL: several or no labels per image, by the file's number; top-1 counts a hit on any of them
+    real = [[int(ranks[i, 0])] if i % 3 == 0 else ([int(ranks[i, 1]), int(ranks[i, 0])] if i % 3 == 1 else [])
+            for i in range(NUM_IMAGES)]
+    numbers = [int(Path(path).stem.rsplit('_', 1)[1]) - 1 for path, _ in order.samples]
+    real_json = tmp_path / 'real.json'
+    real_json.write_text(json.dumps([real[numbers.index(n)] if n in numbers else [] for n in range(NUM_IMAGES)]))
+    assert script.main(common + ['--real-labels', str(real_json), '--results-file', str(out)]) == 0
+    assert json.loads(out.read_text())['top1'] == 100.0  # every labelled image's top guess is among its labels

@@ -21,9 +21,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
-from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data import RealLabelsImagenet, create_dataset, create_loader, resolve_data_config
+from timm.layers import apply_test_time_pool
 from timm.models import parse_model_name, split_model_name_tag
-from timm.utils import AverageMeter, accuracy, random_seed
+from timm.utils import AverageMeter, accuracy, random_seed, reparameterize_model
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -186,12 +187,18 @@ def _empty_class_folders(dataset: Dataset, class_to_idx: Dict[str, int]) -> List
                   if child.is_dir() and not child.name.startswith('.') and child.name not in class_to_idx)
 
 
-def _check_classes(dataset: Dataset, model: nn.Module, name: str, root: str, class_map: str) -> None:
+def _check_classes(dataset: Dataset, model: nn.Module, name: str, root: str, class_map: str,
+                   labels_subset: Optional[List[int]] = None) -> None:
     num_classes = getattr(model, 'num_classes', None)
     if not num_classes:
         raise ClassCountMismatchError(f'{name} has no classifier (num_classes={num_classes}); it cannot be evaluated')
     # timm's folder reader calls it class_to_idx, its tar reader class_name_to_idx
     class_to_idx = getattr(dataset.reader, 'class_to_idx', None) or getattr(dataset.reader, 'class_name_to_idx', {})
+    if labels_subset is not None:
+        # the scored outputs are the subset's, in the folder's class order
+        if any(not 0 <= i < num_classes for i in labels_subset):
+            raise ClassCountMismatchError(f'valid labels reach outside the {num_classes} classes {name} predicts')
+        num_classes = len(labels_subset)
     if class_map:
         # a class map may name more classes than the folder holds (a subset of ImageNet): only its
         # indices have to be within the model's outputs
@@ -265,6 +272,14 @@ def evaluate_classifier(
         pin_memory: bool = False,
         progress: bool = True,
         seed: int = 42,
+        in_chans: Optional[int] = None,
+        global_pool: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        reparam: bool = False,
+        test_pool: bool = False,
+        crop_border_pixels: Optional[int] = None,
+        valid_labels: str = '',
+        real_labels: str = '',
 ) -> ClassificationResult:
     """Evaluate classifier ``name`` on the images under ``root`` as timm's ``validate.py`` does.
 
@@ -276,6 +291,14 @@ def evaluate_classifier(
     random generators are seeded with ``seed`` before the model is built, as ``validate.py`` does
     (a head built anew for ``num_classes`` is then the same from run to run).
 
+    ``validate.py``'s model and scoring options: ``in_chans``, ``global_pool`` and ``model_kwargs``
+    go to ``timm.create_model``; ``reparam`` fuses the model (``reparameterize_model``);
+    ``test_pool`` applies timm's test-time pooling where the input is larger than the model's
+    (crop 1.0 then); ``crop_border_pixels`` goes to the loader; ``valid_labels`` is a file of the
+    output indices to score, one per line, in the folder's class order (a subset of the model's
+    classes); ``real_labels`` is ImageNet-ReaL's ``real.json``, whose top-1/top-5 then replace the
+    folder labels' (the file names must be ImageNet's validation names).
+
     Raises DatasetError, ClassCountMismatchError, CheckpointMismatchError, CheckpointReadError,
     PretrainedWeightsNotFoundError or FileNotFoundError with a message that says what to fix.
     """
@@ -285,17 +308,38 @@ def evaluate_classifier(
     if amp and amp_dtype not in ('float16', 'bfloat16'):
         raise ValueError(f'amp dtype must be float16 or bfloat16, got {amp_dtype!r}')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    in_chans = data_args['input_size'][0] if data_args.get('input_size') else data_args.get('in_chans')
+    if in_chans is None:
+        in_chans = data_args['input_size'][0] if data_args.get('input_size') else None
+    labels_subset = None
+    if valid_labels:
+        try:
+            labels_subset = [int(line) for line in Path(valid_labels).read_text().split()]
+        except FileNotFoundError:
+            raise DatasetError(f'valid labels file {valid_labels} does not exist') from None
+        except ValueError as e:
+            raise DatasetError(f'valid labels file {valid_labels} must hold one class index per line: {e}') from None
 
     # the dataset first: a wrong path should not cost a model download
     dataset = create_eval_dataset(root, split=split, class_map=class_map,
                                   input_img_mode='RGB' if (in_chans or 3) == 3 else 'L')
     random_seed(seed)
+    extra = dict(model_kwargs or {}, **({'global_pool': global_pool} if global_pool is not None else {}))
     model = create_classifier(name, pretrained=pretrained, checkpoint=checkpoint, num_classes=num_classes,
-                              in_chans=in_chans, use_ema=use_ema)
-    _check_classes(dataset, model, name, root, class_map)
+                              in_chans=in_chans, use_ema=use_ema, **extra)
+    if reparam:
+        model = reparameterize_model(model)
+    _check_classes(dataset, model, name, root, class_map, labels_subset)
     param_count = sum(p.numel() for p in model.parameters())
     data_config = resolve_data_config(data_args, model=model, use_test_size=not use_train_size)
+    test_time_pool = False
+    if test_pool:
+        model, test_time_pool = apply_test_time_pool(model, data_config)
+    crop_pct = 1.0 if test_time_pool else data_config['crop_pct']
+    real = None
+    if real_labels:
+        if not os.path.isfile(real_labels):
+            raise DatasetError(f'ImageNet-ReaL labels file {real_labels} does not exist')
+        real = RealLabelsImagenet(dataset.filenames(basename=True), real_json=real_labels)
 
     model = model.to(device).eval()
     if channels_last:
@@ -305,8 +349,8 @@ def evaluate_classifier(
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=batch_size, use_prefetcher=prefetcher,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        num_workers=workers, crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'],
-        pin_memory=pin_memory, device=device)
+        num_workers=workers, crop_pct=crop_pct, crop_mode=data_config['crop_mode'],
+        crop_border_pixels=crop_border_pixels, pin_memory=pin_memory, device=device)
 
     top1, top5 = AverageMeter(), AverageMeter()
     with torch.inference_mode():
@@ -326,6 +370,10 @@ def evaluate_classifier(
                     images = images.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     output = model(images)
+                    if labels_subset is not None:
+                        output = output[:, labels_subset]
+                if real is not None:
+                    real.add_result(output)
                 # accuracy and its running mean exactly as validate.py computes them (per batch in
                 # float32, averaged weighted by batch size), so the rounded numbers agree to the digit
                 acc1, acc5 = accuracy(output.detach(), target, topk=(1, 5))
@@ -338,9 +386,11 @@ def evaluate_classifier(
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
 
+    # ImageNet-ReaL's accuracies replace the folder labels', as in validate.py
+    acc1, acc5 = (real.get_accuracy(k=1), real.get_accuracy(k=5)) if real is not None else (top1.avg, top5.avg)
     return ClassificationResult(
-        model=name, top1=round(top1.avg, 4), top5=round(top5.avg, 4), param_count=round(param_count / 1e6, 2),
-        img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
+        model=name, top1=round(acc1, 4), top5=round(acc5, 4), param_count=round(param_count / 1e6, 2),
+        img_size=data_config['input_size'][-1], crop_pct=crop_pct,
         interpolation=data_config['interpolation'], images=top1.count,
         images_per_sec=top1.count / elapsed if elapsed > 0 else float('nan'),
         checkpoint=checkpoint or None, data_config=dict(data_config))
