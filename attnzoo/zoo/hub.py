@@ -129,9 +129,11 @@ def _result(task: str, ds, metric_type: str, name: str, value: float, task_name:
 
 def _classification_results(data, model_names, dataset, source) -> List[EvalResult]:
     rows = data if isinstance(data, list) else [data]
-    # by name, a single row too: another model's results must not reach this model's card
+    # by name, a single named row too: another model's results must not reach this model's card;
+    # one row without a name is the caller's word that it is this model's
     names = {n.split('.')[0] for n in model_names if n}
-    wanted = [r for r in rows if str(r.get('model', '')).split('.')[0] in names]
+    wanted = [r for r in rows
+              if str(r.get('model', '')).split('.')[0] in names or (len(rows) == 1 and 'model' not in r)]
     if len(wanted) != 1:
         raise ValueError(
             f'{source} holds {len(rows)} result rows, {len(wanted)} of them named {" or ".join(sorted(names))}; '
