@@ -93,6 +93,39 @@ class TrainingPlots(pl.Callback):
         rank_zero_info(f'plots written: {", ".join(self.written)}')
 
 
+class CheckpointOnStop(pl.Callback):
+    """Keeps the run resumable where it stopped: ``ModelCheckpoint`` writes ``last.ckpt`` after
+    validation only, so a run that ends at ``max_steps`` mid-epoch left it steps behind, and one
+    interrupted (Ctrl-C, an error) left nothing of the steps since. At the end of training
+    ``last.ckpt`` is brought up to the final step; on an exception the state is written to
+    ``on_exception.ckpt`` beside it (``--ckpt_path`` takes it), ``last.ckpt`` left as it was."""
+
+    def __init__(self) -> None:
+        self._saved_step: Optional[int] = None
+
+    def _dirpath(self, trainer: pl.Trainer) -> Optional[str]:
+        callback = trainer.checkpoint_callback
+        return getattr(callback, 'dirpath', None) if callback is not None else None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: Dict[str, Any]) -> None:
+        # every save of the run passes here (ModelCheckpoint writes last.ckpt with each of its saves)
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        directory = self._dirpath(trainer)
+        if not directory or not trainer.checkpoint_callback.save_last or self._saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(os.path.join(directory, 'last.ckpt'))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        directory = self._dirpath(trainer)
+        if directory and trainer.state.fn == 'fit' and trainer.global_step > 0:
+            path = os.path.join(directory, 'on_exception.ckpt')
+            trainer.save_checkpoint(path)
+            rank_zero_info(f'{type(exception).__name__}: the state at step {trainer.global_step} is in {path}')
+
+
 class PredictionWriter(BasePredictionWriter):
     """Writes ``predict``'s outputs through the task's ``write_predictions`` (CSV for
     classification, label-map PNGs for segmentation, COCO results json for detection, NIfTI for

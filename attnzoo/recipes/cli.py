@@ -22,7 +22,7 @@ from pytorch_lightning.cli import ArgsType, LightningCLI
 import attnzoo
 
 from . import datamodules, tasks  # noqa: F401  (class_path short names resolve among imported classes)
-from .callbacks import PredictionWriter, TrainingPlots
+from .callbacks import CheckpointOnStop, PredictionWriter, TrainingPlots
 from .datamodules import BaseDataModule
 from .tasks import BaseTask
 
@@ -68,7 +68,8 @@ def _checkpoint_dir(root: Optional[str]) -> str:
 class AttnzooCLI(LightningCLI):
     """LightningCLI with the recipes' fixed run layout: a ``ModelCheckpoint`` (``checkpoint.*``,
     ``save_last=True``, in ``<default_root_dir>/checkpoints``, keeping the best by the task's
-    ``monitor``), the curves and figures (``plots.*``) and predict's writer (``predictions.*``)."""
+    ``monitor``; ``last.ckpt`` brought up to the final step and an interrupted run's state kept by
+    ``CheckpointOnStop``), the curves and figures (``plots.*``) and predict's writer (``predictions.*``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, 'checkpoint')
@@ -76,6 +77,7 @@ class AttnzooCLI(LightningCLI):
         parser.link_arguments('trainer.default_root_dir', 'checkpoint.dirpath', compute_fn=_checkpoint_dir)
         parser.link_arguments('model', 'checkpoint.monitor', compute_fn=lambda m: m.monitor, apply_on='instantiate')
         parser.link_arguments('model', 'checkpoint.mode', compute_fn=lambda m: m.mode, apply_on='instantiate')
+        parser.add_lightning_class_args(CheckpointOnStop, 'checkpoint_on_stop')
         parser.add_lightning_class_args(TrainingPlots, 'plots')
         parser.add_lightning_class_args(PredictionWriter, 'predictions')
 

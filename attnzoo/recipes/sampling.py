@@ -6,7 +6,7 @@ the N processes of a DDP run see interleaved shards of the single process' order
 (``indices[rank::N]``, torch's ``DistributedSampler``), so the union of their batch k is the
 single process' batch k.
 """
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,10 +25,19 @@ class TrainSampler(DistributedSampler):
     padded to equal shards) whose items are ``(index, epoch)``, for :class:`SeededDataset`.
 
     Being a ``DistributedSampler``, Lightning keeps it under DDP (instead of wrapping its own) and
-    calls :meth:`set_epoch` before every epoch.
+    calls :meth:`set_epoch` before every epoch. ``current_epoch``, where given, is asked instead
+    when an epoch's iteration starts (the trainer's own count): resuming a step-budgeted run
+    (``max_steps``), Lightning sets the epoch one ahead of the one it trains, which would draw
+    another epoch's order and augmentations.
     """
 
+    def __init__(self, *args: Any, current_epoch: Optional[Callable[[], int]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.current_epoch = current_epoch
+
     def __iter__(self) -> Iterator[Tuple[int, int]]:  # type: ignore[override]
+        if self.current_epoch is not None:
+            self.set_epoch(self.current_epoch())
         epoch = self.epoch
         return ((int(i), epoch) for i in super().__iter__())
 

@@ -71,9 +71,13 @@ def test_fit_validate_test_predict_through_the_cli(tmp_path):
     assert np.mean([int(r[1]) == t for r, t in zip(rows[1:], labels)]) > 0.4
 
 
-def test_resume_ends_with_the_same_weights(tmp_path):
-    # every source of randomness on: mixup/cutmix, drop path, EMA, layer decay, warmup per update
-    extra = ['--trainer.max_epochs', '2', '--trainer.limit_train_batches', '3', '--trainer.limit_val_batches', '1',
+@pytest.mark.parametrize('budget', [['--trainer.max_epochs', '2'],
+                                    ['--trainer.max_epochs', '-1', '--trainer.max_steps', '6']],
+                         ids=['epochs', 'steps'])
+def test_resume_ends_with_the_same_weights(tmp_path, budget):
+    # every source of randomness on: mixup/cutmix, drop path, EMA, layer decay, warmup per update;
+    # by steps, Lightning sets the resumed sampler's epoch one ahead, which the trainer's count overrides
+    extra = [*budget, '--trainer.limit_train_batches', '3', '--trainer.limit_val_batches', '1',
              '--data.init_args.batch_size', '16', '--model.init_args.drop_path_rate', '0.1',
              '--model.init_args.mixup', '{"mixup_alpha": 0.8, "cutmix_alpha": 1.0}',
              '--model.init_args.ema', '{"decay": 0.9}', '--model.init_args.optimizer.layer_decay', '0.8']
@@ -95,6 +99,25 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     assert a['lr_schedulers'] == b['lr_schedulers']
     plots = next(k for k in a['callbacks'] if k.startswith('TrainingPlots'))
     assert a['callbacks'][plots]['history'] == b['callbacks'][plots]['history']
+
+
+def test_a_step_budget_stops_with_last_checkpoint_and_a_larger_one_resumes_on_its_schedule(tmp_path):
+    # stopped at max_steps mid-epoch, last.ckpt holds that step; resumed with a larger budget, the
+    # schedule is the new one's (the old horizon's settings held the learning rate at 0 past it)
+    extra = ['--trainer.max_epochs', '-1', '--trainer.limit_train_batches', '3', '--trainer.limit_val_batches', '1',
+             '--data.init_args.batch_size', '16', '--model.init_args.scheduler.on_updates', 'true',
+             f'--trainer.callbacks+={HERE}.RecordLR']
+    RecordLR.seen = []
+    run(_fit_args(tmp_path / 'whole', *extra, '--trainer.max_steps', '6'))
+    whole, RecordLR.seen = RecordLR.seen, []
+    interrupted = tmp_path / 'interrupted'
+    run(_fit_args(interrupted, *extra, '--trainer.max_steps', '4'))
+    last = torch.load(interrupted / 'checkpoints' / 'last.ckpt', map_location='cpu', weights_only=False)
+    assert last['global_step'] == 4
+    RecordLR.seen = []
+    c = run(_fit_args(interrupted, *extra, '--trainer.max_steps', '6', '--ckpt_path', 'last'))
+    assert c.trainer.global_step == 6 and len(whole) == 6
+    assert RecordLR.seen == whole[4:] and all(lr > 0 for lrs in RecordLR.seen for lr in lrs)
 
 
 @pytest.mark.parametrize('on_updates', [True, False])

@@ -208,8 +208,17 @@ class BaseTask(pl.LightningModule, ABC):
             return {'optimizer': optimizer}
 
         trainer = self.trainer
-        total_steps = trainer.estimated_stepping_batches  # also sets num_training_batches
-        updates_per_epoch = max(1, math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches))
+        total_steps = trainer.estimated_stepping_batches
+        if trainer.train_dataloader is None:
+            # with max_epochs=-1 Lightning answers from max_steps without loading the training data,
+            # which leaves num_training_batches unknown
+            trainer.fit_loop.setup_data()
+        if not math.isfinite(total_steps):
+            raise ValueError('the learning-rate schedule needs an end: set trainer.max_epochs or trainer.max_steps')
+        batches = trainer.num_training_batches
+        # an iterable dataset has no length: the whole run is one "epoch" of updates
+        updates_per_epoch = (max(1, math.ceil(batches / trainer.accumulate_grad_batches)) if math.isfinite(batches)
+                             else int(total_steps))
         if trainer.max_steps != -1 or trainer.max_epochs in (None, -1):
             num_epochs = total_steps / updates_per_epoch  # an iteration budget, counted in epochs
         else:
@@ -227,6 +236,27 @@ class BaseTask(pl.LightningModule, ABC):
             updates_per_epoch=updates_per_epoch)
         interval = 'step' if sched.on_updates else 'epoch'
         return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': scheduler, 'interval': interval}}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # timm's schedulers (but the plateau one) keep no progress, only their settings, which
+        # loading their state would put back over the ones this run's configuration built: a run
+        # resumed with a larger max_steps then kept the old horizon and trained past it at lr 0.
+        # They are asked at the restored step, so an unchanged schedule resumes exactly as before
+        sched: SchedulerConfig = self.config('scheduler', SchedulerConfig) or SchedulerConfig()
+        if sched.sched != 'plateau' and checkpoint.get('lr_schedulers'):
+            checkpoint['lr_schedulers'] = [{} for _ in checkpoint['lr_schedulers']]
+
+    def on_train_start(self) -> None:
+        # a resumed run: the learning rate this run's schedule gives at the restored position, in
+        # place of the one the optimizer's state brought back (the same where the schedule is)
+        if self.global_step == 0:
+            return
+        sched: SchedulerConfig = self.config('scheduler', SchedulerConfig) or SchedulerConfig()
+        for config in self.trainer.lr_scheduler_configs:
+            if sched.on_updates:
+                config.scheduler.step_update(num_updates=self.global_step)
+            elif sched.sched != 'plateau':
+                config.scheduler.step(epoch=self.current_epoch)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Optional[Any]) -> None:
         # timm's schedulers take the position reached: updates done, or the epoch about to start
