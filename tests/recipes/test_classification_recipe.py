@@ -31,6 +31,14 @@ class StopAfterEpoch(pl.Callback):
             trainer.should_stop = True
 
 
+class FailAtStep(pl.Callback):
+    """Raises in the middle of training, after two optimizer steps (a crash, an out-of-memory...)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step == 2:
+            raise RuntimeError('simulated crash')
+
+
 class RecordLR(pl.Callback):
     """Keeps the learning rates of every parameter group at the start of every training batch."""
     seen: list = []
@@ -118,6 +126,15 @@ def test_a_step_budget_stops_with_last_checkpoint_and_a_larger_one_resumes_on_it
     c = run(_fit_args(interrupted, *extra, '--trainer.max_steps', '6', '--ckpt_path', 'last'))
     assert c.trainer.global_step == 6 and len(whole) == 6
     assert RecordLR.seen == whole[4:] and all(lr > 0 for lrs in RecordLR.seen for lr in lrs)
+
+
+def test_a_crashed_fit_keeps_its_state(tmp_path):
+    root = tmp_path / 'run'
+    with pytest.raises(RuntimeError, match='simulated crash'):
+        run(_fit_args(root, '--trainer.max_epochs', '1', '--trainer.limit_train_batches', '5',
+                      '--data.init_args.batch_size', '16', f'--trainer.callbacks+={HERE}.FailAtStep'))
+    state = torch.load(root / 'checkpoints' / 'on_exception.ckpt', map_location='cpu', weights_only=False)
+    assert state['global_step'] == 2 and not (root / 'checkpoints' / 'last.ckpt').exists()
 
 
 @pytest.mark.parametrize('on_updates', [True, False])
