@@ -400,17 +400,21 @@ class VolumeDataModule(BaseDataModule):
         val_cases: the validation cases' names (default: the last ``val_fraction`` of the sorted names).
         test_cases: the test cases' names (default: the validation cases).
         val_fraction: share of cases held out when ``val_cases`` is not given.
+        ras: reorient every case to RAS when read (MONAI's ``Orientation('RAS')``), for datasets
+            whose cases are stored in different orientations.
     """
 
     def __init__(self, root: str, val_cases: Optional[List[str]] = None, test_cases: Optional[List[str]] = None,
                  val_fraction: float = 0.2, image_size: Size = 96, batch_size: int = 2, eval_batch_size: int = 1,
-                 train_preset: Optional[str] = 'volumes', eval_preset: Optional[str] = None, **kwargs: Any) -> None:
+                 train_preset: Optional[str] = 'volumes', eval_preset: Optional[str] = None, ras: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          train_preset=train_preset, eval_preset=eval_preset, **kwargs)
         self.root = root
         self.val_cases = list(val_cases) if val_cases is not None else None
         self.test_cases = list(test_cases) if test_cases is not None else None
         self.val_fraction = val_fraction
+        self.ras = ras
 
     def cases(self) -> Dict[str, List[str]]:
         """The case names of each split; training is every case not held out."""
@@ -431,7 +435,7 @@ class VolumeDataModule(BaseDataModule):
         cases = self.cases()
         if split not in cases:
             raise ValueError(f'split {split!r} is not one of {sorted(cases)}')
-        return VolumeDataset(self.root, cases=cases[split], transform=transform)
+        return VolumeDataset(self.root, cases=cases[split], transform=transform, ras=self.ras)
 
 
 class SyntheticVolumesDataModule(VolumeDataModule):

@@ -208,3 +208,31 @@ def test_predictions_on_another_grid_than_the_image_are_not_written(tmp_path):
     batch['shapes'] = [[6, 5, 4]]
     MedicalSegmentationTask.write_predictions([batch], str(tmp_path / 'out'))
     assert read_nifti(tmp_path / 'out' / 'case_000.nii.gz').data.shape == (6, 5, 4)
+
+
+def test_ras_reorients_cases_stored_in_other_orientations_alike(tmp_path):
+    # one volume written RAS and LPS-flipped with the matching affine: the same voxels in the same
+    # world positions, which ras=True reads as the same arrays (MONAI's Orientation('RAS') agrees)
+    from monai.transforms import Orientation
+    rng = np.random.default_rng(0)
+    data = rng.random((6, 5, 4)).astype(np.float32)
+    label = (data > 0.5).astype(np.int64)
+    ras_affine = np.diag([0.8, 0.9, 2.0, 1.0])
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps_affine = ras_affine @ flip
+    lps_affine[:2, 3] = [0.8 * 5, 0.9 * 4]  # voxel (i, j) of the flipped array sits where (5 - i, 4 - j) did
+    for name, volume, affine in (('ras', data, ras_affine), ('lps', data[::-1, ::-1].copy(), lps_affine)):
+        for folder, array in (('imagesTr', volume), ('labelsTr', (volume > 0.5).astype(np.int64))):
+            (tmp_path / name / folder).mkdir(parents=True, exist_ok=True)
+            write_nifti(tmp_path / name / folder / 'case.nii.gz', array, affine=affine)
+    items = [VolumeDataset(tmp_path / name, ras=True)[0] for name in ('ras', 'lps')]
+    for key in ('image', 'label', 'spacing', 'affine'):
+        torch.testing.assert_close(items[0][key], items[1][key])
+    np.testing.assert_array_equal(items[1]['label'].numpy(), label)
+    # MONAI's own loading and reorientation of the LPS file gives the same array
+    from monai.transforms import EnsureChannelFirst, LoadImage
+    monai = Orientation('RAS')(EnsureChannelFirst()(LoadImage(image_only=True)(tmp_path / 'lps' / 'imagesTr' /
+                                                                             'case.nii.gz')))
+    np.testing.assert_allclose(np.asarray(monai), items[1]['image'].numpy())
+    # without ras the arrays are as stored
+    assert torch.equal(VolumeDataset(tmp_path / 'lps')[0]['image'][0], torch.from_numpy(data[::-1, ::-1].copy()))

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = [
-    'Volume', 'read_nifti', 'write_nifti', 'synthetic_volume', 'write_synthetic_volumes', 'VolumeDataset',
+    'Volume', 'read_nifti', 'write_nifti', 'to_ras', 'synthetic_volume', 'write_synthetic_volumes', 'VolumeDataset',
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -60,6 +60,19 @@ def read_nifti(path: PathLike) -> Volume:
     # nibabel's affine is the sform, and predictions are written on that affine
     spacing = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
     return Volume(np.asarray(data), affine, spacing)
+
+
+def to_ras(volume: Volume) -> Volume:
+    """``volume`` with its array axes permuted and flipped to the closest RAS orientation (as MONAI's
+    ``Orientation('RAS')`` and nibabel's ``as_closest_canonical`` do), its affine and spacing with
+    them: the same voxels in the same world positions, so volumes stored LPS, RAS or another way
+    reach a model alike."""
+    from nibabel import orientations as orient
+    transform = orient.ornt_transform(orient.io_orientation(volume.affine), orient.axcodes2ornt('RAS'))
+    data = orient.apply_orientation(volume.data, transform)  # the first three axes; channels stay last
+    affine = volume.affine @ orient.inv_ornt_aff(transform, volume.data.shape[:3])
+    spacing = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
+    return Volume(np.ascontiguousarray(data), affine, spacing)
 
 
 def write_nifti(
@@ -180,7 +193,10 @@ class VolumeDataset(Dataset):
     case names (default: every image). ``transform`` is called as ``sample = transform(**sample)``
     on ``{'image': (C, D, H, W) float32, 'label': (D, H, W) int64}`` numpy arrays before the
     conversion to tensors, and returns such a dict (to use MONAI's dict transforms, which take one
-    dict and want a channel axis on the label, wrap them: ``lambda **s: tf(s)``).
+    dict and want a channel axis on the label, wrap them: ``lambda **s: tf(s)``). ``ras``: every
+    case reoriented to RAS first (``to_ras``), its affine, spacing and shape with it, so cases
+    stored in different orientations reach the model alike; predictions written on that affine
+    still overlay the image.
     """
 
     def __init__(
@@ -188,6 +204,7 @@ class VolumeDataset(Dataset):
             root: PathLike,
             cases: Optional[Sequence[str]] = None,
             transform: Optional[Callable[..., Dict[str, Any]]] = None,
+            ras: bool = False,
     ):
         self.root = Path(root)
         images, labels = self.root / 'imagesTr', self.root / 'labelsTr'
@@ -210,6 +227,7 @@ class VolumeDataset(Dataset):
                 raise FileNotFoundError(f'image {image_path.name} has no label {name}.nii(.gz) in {labels}')
             self.samples.append((name, image_path, label_path))
         self.transform = transform
+        self.ras = ras
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -226,6 +244,8 @@ class VolumeDataset(Dataset):
             raise ValueError(f'case {name}: image and label affines differ, the label is not on the image grid')
         if not np.issubdtype(label.data.dtype, np.integer) and not np.array_equal(label.data, np.round(label.data)):
             raise ValueError(f'label {label_path} holds non-integer values')
+        if self.ras:
+            image, label = to_ras(image), to_ras(label)
         data = image.data.astype(np.float32)
         data = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)
         sample: Dict[str, Any] = {'image': np.ascontiguousarray(data), 'label': label.data.astype(np.int64)}
