@@ -11,7 +11,7 @@ in small pieces joined by constructors as torchvision's own detection package is
   ResNet read through ``IntermediateLayerGetter``; the FPN and its extra levels are torchvision's.
 - the levels each detector takes, as torchvision's builders and the papers' mmdet configs do:
   the R-CNNs C2-C5 and a max-pooled P6 (``LastLevelMaxPool``, strides 4-64), RetinaNet C3-C5 and
-  P6/P7 from C5 (``LastLevelP6P7``, strides 8-128), FCOS C3-C5 and P6/P7 from P5;
+  P6/P7 from C5 (``P6P7FromInput``, strides 8-128), FCOS C3-C5 and P6/P7 from P5;
 - anchors derived from those strides (R-CNN 8x stride, RetinaNet 4x stride at three octave
   scales, FCOS one point per location of side the stride: torchvision's defaults for these
   strides), RoIAlign over the FPN levels by name, and the transform padding batches to a multiple
@@ -26,6 +26,7 @@ Labels follow torchvision: ``num_classes`` counts the background, labels are 1..
 import json
 import os
 import re
+import warnings
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -142,8 +143,30 @@ def _levels(arch: str, body: nn.Module, out_channels: int) -> Tuple[List[int], E
     # RetinaNet and FCOS start at stride 8; RetinaNet's P6 comes from C5 ('on_input' in mmdet, as
     # torchvision's v2 builder), FCOS's from P5 (the FCOS paper, 'on_output')
     levels = [i for i in range(n) if body.strides[i] >= 8]
-    in_channels = body.out_channels[levels[-1]] if arch == 'retinanet' else out_channels
-    return levels, LastLevelP6P7(in_channels, out_channels), ['p6', 'p7']
+    if arch == 'retinanet':
+        return levels, P6P7FromInput(body.out_channels[levels[-1]], out_channels), ['p6', 'p7']
+    # FCOS: torchvision's block on P5 is mmdet's 'on_output' with relu_before_extra_convs
+    return levels, LastLevelP6P7(out_channels, out_channels), ['p6', 'p7']
+
+
+class P6P7FromInput(ExtraFPNBlock):
+    """RetinaNet's P6 and P7 as the papers' mmdet configs build them (``add_extra_convs='on_input'``,
+    no ReLU before the extra convs): ``P6 = conv3x3/2(C5)``, ``P7 = conv3x3/2(P6)``. torchvision's
+    ``LastLevelP6P7`` differs twice: a ReLU before P7's conv, and P6 from P5 where C5 is as wide as
+    the FPN. Same parameter names (``p6``, ``p7``) and init as torchvision's."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+        for conv in (self.p6, self.p7):
+            nn.init.kaiming_uniform_(conv.weight, a=1)
+            nn.init.constant_(conv.bias, 0)
+
+    def forward(self, p: List[torch.Tensor], c: List[torch.Tensor],
+                names: List[str]) -> Tuple[List[torch.Tensor], List[str]]:
+        p6 = self.p6(c[-1])
+        return p + [p6, self.p7(p6)], names + ['p6', 'p7']
 
 
 def _anchor_generator(arch: str, strides: Sequence[int]) -> AnchorGenerator:
@@ -237,6 +260,13 @@ def _load_mmdet_backbone(model: nn.Module, state_dict: Mapping[str, Any], source
                 f'({len(missing)}): ' + ', '.join(missing))
     check_state_dict(sd, body, source=f'backbone of mmdet {source}')
     body.load_state_dict(sd)
+    rest = sorted({k.split('.')[0] for k in state_dict if not k.startswith('backbone.')})
+    if rest:
+        # mmdet's neck and heads are laid out otherwise than torchvision's (background last, 80
+        # classes, aligned RoIAlign...): said, so no one takes the detector for the paper's
+        warnings.warn(f'mmdet {source}: only the backbone was loaded; its {", ".join(rest)} '
+                      f'({sum(not k.startswith("backbone.") for k in state_dict)} tensors) stay as built, '
+                      'to be trained', stacklevel=3)
 
 
 def load_detection_checkpoint(

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection import faster_rcnn as tv_faster_rcnn
@@ -141,9 +142,20 @@ def test_levels_anchors_and_roi_pools_are_torchvisions(arch, defaults):
         assert model.anchor_generator.sizes == ref.anchor_generator.sizes
         assert model.anchor_generator.aspect_ratios == ref.anchor_generator.aspect_ratios
         assert tv_retinanet._default_anchorgen().sizes == defaults['retinanet'].anchor_generator.sizes
-        # RetinaNet's P6 from C5 (mmdet 'on_input'), FCOS's from P5
+        # RetinaNet's P6 from C5 and P7 from P6 without a ReLU (mmdet 'on_input', the papers' configs),
+        # FCOS's from P5 with one (torchvision's block, mmdet's 'on_output' with relu_before_extra_convs)
         c5 = features.body.out_channels[-1]
-        assert features.fpn.extra_blocks.p6.in_channels == (c5 if arch == 'retinanet' else 32)
+        extra = features.fpn.extra_blocks
+        assert extra.p6.in_channels == (c5 if arch == 'retinanet' else 32)
+        if arch == 'retinanet':
+            c5, p5 = torch.randn(1, c5, 2, 3), torch.randn(1, 32, 2, 3)
+            with torch.no_grad():
+                levels, level_names = extra([p5], [c5], ['2'])
+                p6 = F.conv2d(c5, extra.p6.weight, extra.p6.bias, stride=2, padding=1)
+                p7 = F.conv2d(p6, extra.p7.weight, extra.p7.bias, stride=2, padding=1)
+            assert level_names == ['2', 'p6', 'p7'] and levels[0] is p5
+            torch.testing.assert_close(levels[1], p6)
+            torch.testing.assert_close(levels[2], p7)
     assert features.featmap_names == list(feats) == names and features.strides == strides
     for name, stride in zip(names, strides):
         assert feats[name].shape == (1, 32, -(-64 // stride), -(-96 // stride))
@@ -233,7 +245,10 @@ def test_mmdet_checkpoint_loads_its_backbone(tmp_path):
     path = tmp_path / 'mask_rcnn_van_b0_fpn_1x_coco.pth'
     torch.save({'meta': {'epoch': 12, 'CLASSES': ['a', 'b']}, 'state_dict': mmdet}, path)
 
-    model = create_detection_model('mask_rcnn', 'az_van_b0', NUM_CLASSES, checkpoint=str(path), **small('mask_rcnn'))
+    # mmdet's neck and heads are not torchvision's: left as built, and said so
+    with pytest.warns(UserWarning, match=r'only the backbone was loaded; its neck, roi_head, rpn_head \(3 tensors\)'):
+        model = create_detection_model('mask_rcnn', 'az_van_b0', NUM_CLASSES, checkpoint=str(path),
+                                       **small('mask_rcnn'))
     assert model.attnzoo_cfg['frozen_bn'] is True and 'checkpoint' not in model.attnzoo_cfg
     loaded = model.backbone.body.body.state_dict()
     # frozen batch norm (the default with a checkpoint) keeps everything but the step count
