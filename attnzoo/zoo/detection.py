@@ -284,7 +284,9 @@ def load_detection_checkpoint(
     that does not fit. Returns what was loaded: ``'backbone'`` or ``'detector'``.
     """
     is_path = isinstance(checkpoint, (str, os.PathLike))
-    state_dict = _read_checkpoint(checkpoint) if is_path else dict(checkpoint)
+    # a mapping in memory as a file would hold it: mmdet's {'meta', 'state_dict'} unwrapped alike
+    state_dict = (_read_checkpoint(checkpoint) if is_path
+                  else unwrap_checkpoint(dict(checkpoint), keys=('state_dict', 'model')))
     source = f'checkpoint {os.fspath(checkpoint)}' if is_path else 'checkpoint'
     if _is_mmdet(state_dict):
         _load_mmdet_backbone(model, state_dict, source)

@@ -307,6 +307,8 @@ def test_saved_detector_reloads_exactly(fmt, tmp_path):
     else:  # the Hub's way: the model from its attnzoo_cfg, then its weights
         reloaded = create_task_model(cfg)
         assert load_detection_checkpoint(reloaded, path) == 'detector'
+        # a mapping in memory as a training checkpoint holds it
+        assert load_detection_checkpoint(reloaded, {'epoch': 3, 'state_dict': model.state_dict()}) == 'detector'
     assert reloaded.attnzoo_cfg == model.attnzoo_cfg
     images = [torch.rand(3, 70, 90), torch.rand(3, 64, 64)]
     model.eval()
