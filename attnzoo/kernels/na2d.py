@@ -194,9 +194,19 @@ except ImportError:  # no Triton on this platform: the reference serves every ca
     _fused = None
 
 
-def _na2d_fused(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+def _resolved(q, k, v, kernel_size, dilation, rpb, scale) -> Tuple[int, int, int, int, float]:
+    """Validated (kh, kw, dh, dw) and the scale, ``head_dim ** -0.5`` by default: what every path takes."""
     kh, kw, dh, dw = _check_args(q, k, v, kernel_size, dilation, rpb)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return kh, kw, dh, dw, q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _on_slices(fn):
+    """``fn`` of ``(q, k, v, ...)`` as a function of the packed ``(qkv, ...)``."""
+    return lambda qkv, *args, **kwargs: fn(*_unpack(qkv), *args, **kwargs)
+
+
+def _na2d_fused(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
+    kh, kw, dh, dw, scale = _resolved(q, k, v, kernel_size, dilation, rpb, scale)
     return _fused.na2d_fused(q, k, v, kh, kw, dh, dw, rpb, scale)
 
 
@@ -207,24 +217,17 @@ def _fused_supports(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
 
 
 def _na2d_qkv_fused(qkv, kernel_size, dilation=1, rpb=None, scale=None):
-    q, k, v = _unpack(qkv)
-    kh, kw, dh, dw = _check_args(q, k, v, kernel_size, dilation, rpb)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kh, kw, dh, dw, scale = _resolved(*_unpack(qkv), kernel_size, dilation, rpb, scale)
     return _fused.na2d_qkv_fused(qkv, kh, kw, dh, dw, rpb, scale)
-
-
-def _qkv_fused_supports(qkv, *args, **kwargs):
-    return _fused_supports(*_unpack(qkv), *args, **kwargs)
 
 
 if _fused is not None:
     na2d.register_triton(_na2d_fused, _fused_supports)
-    na2d_qkv.register_triton(_na2d_qkv_fused, _qkv_fused_supports)
+    na2d_qkv.register_triton(_na2d_qkv_fused, _on_slices(_fused_supports))
 
 
 def _na2d_tiled(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
-    kh, kw, dh, dw = _check_args(q, k, v, kernel_size, dilation, rpb)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kh, kw, dh, dw, scale = _resolved(q, k, v, kernel_size, dilation, rpb, scale)
     return na2d_tiled(q, k, v, kh, kw, dh, dw, rpb, scale)
 
 
@@ -242,15 +245,5 @@ def _tiled_supports(q, k, v, kernel_size, dilation=1, rpb=None, scale=None):
 
 
 na2d.register_cpu(_na2d_tiled, _tiled_supports)
-
-
-def _na2d_qkv_tiled(qkv, *args, **kwargs):
-    # the tiled path's gradients come from autograd through its gathers, unbind's stack with them
-    return _na2d_tiled(*_unpack(qkv), *args, **kwargs)
-
-
-def _qkv_tiled_supports(qkv, *args, **kwargs):
-    return _tiled_supports(*_unpack(qkv), *args, **kwargs)
-
-
-na2d_qkv.register_cpu(_na2d_qkv_tiled, _qkv_tiled_supports)
+# the tiled path's gradients come from autograd through its gathers, unbind's stack with them
+na2d_qkv.register_cpu(_on_slices(_na2d_tiled), _on_slices(_tiled_supports))
