@@ -23,7 +23,7 @@ from timm.utils import ParseKwargs
 import attnzoo  # noqa: F401  (registers the az_* models with timm)
 from attnzoo.backbones import CheckpointMismatchError, CheckpointReadError, PretrainedWeightsNotFoundError
 from attnzoo.recipes.evaluation.common import EvaluationError, format_table, write_results
-from attnzoo.recipes.evaluation.imagenet import evaluate_classifier, expand_model_names
+from attnzoo.recipes.evaluation.imagenet import evaluate_classifier, expand_model_names, is_wildcard
 
 # what a user can fix: printed as one line, no traceback
 # (ValueError: an input size below the model's least, said by the model)
@@ -101,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f'--{flag} takes one value or one per channel (3), got {len(getattr(args, flag))}')
     # validate.py's bulk mode, for several names or a wildcard however many it matches: a list of
     # results sorted by top-1; one named model gives its row alone
-    bulk = len(args.model) > 1 or any(c in m for m in args.model for c in '*?[')
+    bulk = len(args.model) > 1 or any(is_wildcard(m) for m in args.model)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True  # as validate.py
         torch.backends.cudnn.benchmark = True

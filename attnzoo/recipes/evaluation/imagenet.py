@@ -36,10 +36,15 @@ from .common import ClassCountMismatchError, DatasetError, EvaluationError, unwr
 
 __all__ = [
     'ClassificationResult', 'create_classifier', 'create_eval_dataset', 'evaluate_classifier',
-    'expand_model_names', 'load_classifier_checkpoint',
+    'expand_model_names', 'is_wildcard', 'load_classifier_checkpoint',
 ]
 
 _WILDCARD = ('*', '?', '[')
+
+
+def is_wildcard(name: str) -> bool:
+    """Whether a model name is a pattern (``validate.py``'s bulk mode), not one model."""
+    return any(c in name for c in _WILDCARD)
 
 
 def expand_model_names(names: Sequence[str]) -> List[str]:
@@ -51,7 +56,7 @@ def expand_model_names(names: Sequence[str]) -> List[str]:
     out: List[str] = []
     for name in names:
         source, _ = parse_model_name(name)
-        if source is None and any(c in name for c in _WILDCARD):
+        if source is None and is_wildcard(name):
             matched = timm.list_models(name, pretrained=True)
             if not matched:
                 raise EvaluationError(f'no pretrained model matches {name!r}')
