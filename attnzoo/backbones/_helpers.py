@@ -178,6 +178,22 @@ def describe_read_error(e: BaseException) -> str:
     return f'{type(e).__name__}: {detail[:200]}'
 
 
+def raise_read_failure(e: BaseException, what: str, hint: str) -> None:
+    """Raise CheckpointReadError for ``e``, raised while reading the existing file named by ``what``
+    (e.g. ``'checkpoint /x/y.pth'``), where the file holds other objects than tensors (``hint`` says
+    how to load such a file when it is trusted) or is damaged; return for any other error, which
+    the caller re-raises. torch reports a truncated zip as an OSError, so an OSError counts as
+    damage here: the caller has checked that the file exists."""
+    if 'Unsupported global' in str(e):
+        raise CheckpointReadError(
+            f'{what} holds objects other than tensors and plain values; if you trust it, load it with '
+            f'torch.load(path, weights_only=False) and {hint}') from e
+    damaged = _read_error(e) or (e if isinstance(e, OSError) else None)
+    if damaged is not None:
+        raise CheckpointReadError(f'{what} could not be read: corrupt, truncated or not a checkpoint '
+                                  f'({describe_read_error(damaged)})') from e
+
+
 def build_backbone(
         model_cls: Callable[..., nn.Module],
         variant: str,

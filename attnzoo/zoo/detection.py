@@ -41,8 +41,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from attnzoo.backbones import CheckpointMismatchError, CheckpointReadError, family_of
-from attnzoo.backbones._helpers import _read_error, check_state_dict, describe_read_error, unwrap_checkpoint
+from attnzoo.backbones import CheckpointMismatchError, family_of
+from attnzoo.backbones._helpers import check_state_dict, raise_read_failure, unwrap_checkpoint
 
 from .dense import create_dense_backbone
 from .tasks import model_state_from
@@ -223,16 +223,8 @@ def _read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
             return load_file(path)
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        if 'Unsupported global' in str(e):
-            # an mmcv checkpoint whose meta holds more than plain values: unpickling it can run code
-            raise CheckpointReadError(
-                f'detection checkpoint {path} holds objects other than tensors and plain values; if you trust '
-                'it, load it with torch.load(path, weights_only=False) and pass its state dict') from e
-        damaged = _read_error(e) or (e if isinstance(e, OSError) else None)
-        if damaged is not None:
-            raise CheckpointReadError(
-                f'detection checkpoint {path} could not be read: corrupt, truncated or not a checkpoint '
-                f'({describe_read_error(damaged)})') from e
+        # an mmcv checkpoint whose meta holds more than plain values: unpickling it can run code
+        raise_read_failure(e, f'detection checkpoint {path}', 'pass its state dict')
         raise
     return unwrap_checkpoint(checkpoint, keys=('state_dict', 'model'))
 

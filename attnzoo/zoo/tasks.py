@@ -12,8 +12,7 @@ from typing import Any, Callable, Dict, Mapping
 import torch.nn as nn
 from timm.models import load_state_dict
 
-from attnzoo.backbones import CheckpointReadError
-from attnzoo.backbones._helpers import _read_error, check_state_dict, describe_read_error
+from attnzoo.backbones._helpers import check_state_dict, raise_read_failure
 
 __all__ = ['TASK_BUILDERS', 'create_task_model', 'load_task_checkpoint', 'model_state_from', 'read_checkpoint']
 
@@ -80,14 +79,7 @@ def read_checkpoint(path: str, use_ema: bool = False) -> Dict[str, Any]:
     try:
         return load_state_dict(path, use_ema=use_ema)
     except Exception as e:
-        if 'Unsupported global' in str(e):
-            raise CheckpointReadError(
-                f'checkpoint {path} holds objects other than tensors and plain values; if you trust it, load it '
-                'with torch.load(path, weights_only=False) and save its state dict alone') from e
-        damaged = _read_error(e) or (e if isinstance(e, OSError) else None)
-        if damaged is not None:
-            raise CheckpointReadError(f'checkpoint {path} could not be read: corrupt, truncated or not a '
-                                      f'checkpoint ({describe_read_error(damaged)})') from e
+        raise_read_failure(e, f'checkpoint {path}', 'save its state dict alone')
         raise
 
 
