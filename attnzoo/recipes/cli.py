@@ -100,6 +100,12 @@ class AttnzooCLI(LightningCLI):
 
     before_validate = before_test = before_predict = _resolve_best
 
+    def parse_arguments(self, parser, args: List[str]) -> None:
+        # ``args`` is the command line itself with config names resolved to files (``run``), so
+        # Lightning's warning against passing both ``args`` and a command line does not apply; the
+        # command line stays in sys.argv for DDP's relaunch of this script on the other devices
+        self.config = parser.parse_args(args)
+
 
 def run(args: List[str]) -> AttnzooCLI:
     """Run ``attnzoo-train`` with ``args`` (``['fit', '--config', 'digits', ...]``); returns the

@@ -233,6 +233,20 @@ def test_cli_explains_unknown_configs_and_a_head_that_does_not_fit_the_data(tmp_
         run(_fit_args(tmp_path, '--model.init_args.num_classes', '7', '--trainer.max_epochs', '1'))
 
 
+def test_attnzoo_train_reads_its_command_line_without_lightnings_args_warning(monkeypatch, capsys):
+    import sys
+    import warnings
+
+    from attnzoo.recipes.cli import main
+    monkeypatch.setattr(sys, 'argv', ['attnzoo-train', 'fit', '--config', 'digits', '--print_config'])
+    with warnings.catch_warnings(record=True) as seen, pytest.raises(SystemExit):
+        warnings.simplefilter('always')
+        main()
+    assert not [w for w in seen if 'args parameter' in str(w.message)]
+    # the configuration printed is the packaged one, read from the command line
+    assert 'model: az_shvit_s1' in capsys.readouterr().out
+
+
 def test_make_demo_training_path_on_a_short_run(tmp_path, capsys):
     from attnzoo.recipes.demo import main
     # four steps do not reach the demo's bar of 95 %: it reports where everything is, then fails
