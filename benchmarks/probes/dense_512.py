@@ -52,6 +52,9 @@ def make_step(model: nn.Module, x: torch.Tensor, compile_mode: Optional[str]) ->
     runner = model if compile_mode is None else compile_in_mode(model, compile_mode)
 
     def step() -> None:
+        # each step's gradients replace the last's, as after an optimizer's zero_grad: accumulated
+        # into .grad, a CUDA-graph replay would overwrite the tensor the previous backward left there
+        model.zero_grad(set_to_none=True)
         if compile_mode is not None:
             begin_compiled_step(compile_mode)
         with torch.autocast(x.device.type, torch.bfloat16):
