@@ -46,7 +46,6 @@ for step in $STEPS; do
   # which graphs, if any, could not be captured)
   d512g) TORCH_LOGS=perf_hints timeout $limit python benchmarks/probes/dense_512.py --compile reduce-overhead \
            > $O/d512g.txt 2>&1 ;;
-  bgrad) timeout $limit python benchmarks/probes/bias_grad.py > $O/bgrad.txt 2>&1 ;;
   bcomp) timeout $limit python benchmarks/probes/bias_compile.py --variants as_is four_d > $O/bcomp.txt 2>&1 ;;
   # flex attention compiles per case (~50 s each): left out; the exact peers ran on 2026-11-30
   kern) timeout $limit python scripts/benchmark.py --mode kernels --methods attnzoo fmha_window sdpa \

@@ -9,7 +9,10 @@ tokens (LITv2), agent attention's 9-49 agents (Agent-PVT, Agent-Swin), DaViT's a
 7x7 windows, STViT's windows over super tokens. This swaps SDPA for the explicit products in one op module at
 a time (every module of ours that calls SDPA, found by a first forward) and times whole steps of
 each model against SDPA, interleaved in rounds; a module whose swap wins in both steps is the one
-to change in the package (as single_head_attention was, 719323b).
+to change in the package (as single_head_attention was, 719323b). The eager run
+(`../2026-12-08-h100-sdpa-products-bias-grad`) did that for eager CUDA inference
+(`attnzoo/kernels/attention_products.py`): at those call sites the eager inference rows now time
+the products against themselves; training and ``--compile`` still compare SDPA with the products.
 
     python benchmarks/probes/sdpa_explicit.py [--models az_litv2_s az_agent_pvt_t az_davit_tiny ...]
     python benchmarks/probes/sdpa_explicit.py --compile --models az_litv2_s az_davit_tiny

@@ -209,9 +209,12 @@ def shifted_window_attention_loops(attn, x, size):
     return attn.proj(out.reshape(B, H * W, C))
 
 
+@pytest.mark.parametrize('products', [False, True], ids=['sdpa', 'products'])
 @pytest.mark.parametrize('size', [(10, 12), (3, 9), (8, 8)])
-def test_shifted_window_attention_against_window_loops(size):
-    # padded and shifted, a short side taken whole, and a map exactly two windows on a side
+def test_shifted_window_attention_against_window_loops(monkeypatch, size, products):
+    # padded and shifted, a short side taken whole, and a map exactly two windows on a side; with
+    # SDPA and with the explicit products eager CUDA inference takes (forced on the CPU here)
+    monkeypatch.setattr('attnzoo.blocks.agent.products_for_inference', lambda *t: products)
     attn = randomize_(ShiftedWindowAttention(8, 2, window_size=4, shift_size=2)).double().eval()
     x = torch.randn(2, size[0] * size[1], 8, dtype=torch.float64)
     with torch.no_grad():

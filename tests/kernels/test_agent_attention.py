@@ -244,3 +244,16 @@ def test_bad_shapes_raise():
         agent_attention(q[0], q, q, q)
     with pytest.raises(ValueError, match='square'):
         AgentAttention(8, 2, agent_num=8)
+
+
+def test_inference_products_equal_sdpa(monkeypatch):
+    # eager CUDA inference takes the explicit products (attention_products); forced on the CPU here,
+    # they give SDPA's result, the biases broadcast as the op gives them
+    module = importlib.import_module('attnzoo.kernels.agent_attention')  # the op shadows its module
+    inputs = _inputs()
+    want = agent_attention(*inputs, scale=0.4)
+    monkeypatch.setattr(module, 'products_for_inference', lambda *t: True)
+    monkeypatch.setattr(module, 'attention_products', lambda *a, **kw: calls.append(1) or explicit(*a, **kw))
+    explicit, calls = importlib.import_module('attnzoo.kernels.attention_products').attention_products, []
+    torch.testing.assert_close(agent_attention(*inputs, scale=0.4), want, rtol=1e-12, atol=1e-12)
+    assert len(calls) == 2

@@ -131,3 +131,56 @@ def test_single_head_hands_large_maps_to_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(module, '_MAX_SCORES', 30 * 30 - 1)
     torch.testing.assert_close(single_head_attention(q, k, v), want, rtol=1e-12, atol=1e-12)
     assert fused
+
+
+@pytest.mark.parametrize('mask_shape', [None, (5, 6), (3, 1, 5, 6), (4, 3, 2, 5, 6)])
+def test_attention_products_equal_sdpa_float64(mask_shape):
+    from attnzoo.kernels.attention_products import attention_products
+    # leading dims (4, 3, 2) as the Agent blocks' (batch, windows, heads); masks broadcast from the right
+    q, k = torch.randn(4, 3, 2, 5, 8, dtype=torch.float64), torch.randn(4, 3, 2, 6, 8, dtype=torch.float64)
+    v = torch.randn(4, 3, 2, 6, 7, dtype=torch.float64)
+    mask = None if mask_shape is None else torch.randn(mask_shape, dtype=torch.float64)
+    for scale in (None, 0.3):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), scale=scale,
+            attn_mask=None if mask is None else mask.expand(4, 3, 2, 5, 6).flatten(0, 1))
+        got = attention_products(q, k, v, mask, scale)
+        torch.testing.assert_close(got, want.unflatten(0, (4, 3)), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_products_in_bf16_keep_the_dtype_and_softmax_in_float32():
+    from attnzoo.kernels.attention_products import attention_products
+    q, k, v = (torch.randn(3, 2, 9, 16, dtype=torch.float64) for _ in range(3))
+    mask = torch.randn(2, 9, 9, dtype=torch.float64)
+    want = attention_products(q, k, v, mask)
+    got = attention_products(*(t.bfloat16() for t in (q, k, v, mask)))
+    assert got.dtype == torch.bfloat16
+    # bf16 inputs, products and output: within bf16's resolution of the float64 result
+    assert (got.double() - want).abs().max() < 2e-2
+
+
+def test_products_only_for_eager_inference_on_cuda():
+    from attnzoo.kernels.attention_products import products_for_inference
+    q = torch.randn(2, 3, 4)
+    assert not products_for_inference(q, q, q)  # the CPU keeps SDPA's fused kernel
+    if torch.cuda.is_available():
+        q = q.cuda()
+        assert products_for_inference(q, q, q)
+        assert not products_for_inference(q, q, q, torch.zeros(1, device='cuda', requires_grad=True))
+        with torch.no_grad():
+            assert products_for_inference(q.requires_grad_(), q, q)
+
+
+@pytest.mark.parametrize('window', [(2, 2), (7, 7)])
+def test_window_attention_takes_the_products_for_small_windows_only(monkeypatch, window):
+    # on the CPU the choice says no: forced here, the op's result stays the loops' and only windows
+    # of a few positions take the products
+    module = importlib.import_module('attnzoo.kernels.window_attention')  # the op shadows its module
+    products = []
+    monkeypatch.setattr(module, 'products_for_inference', lambda *t: True)
+    monkeypatch.setattr(module, 'attention_products', lambda *a, **kw: products.append(1) or explicit(*a, **kw))
+    explicit = importlib.import_module('attnzoo.kernels.attention_products').attention_products
+    q, k, v = (torch.randn(2, 14, 14, 3, 4, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(window_attention(q, k, v, window), window_attention_loops(q, k, v, window, 0.5),
+                               rtol=1e-12, atol=1e-12)
+    assert bool(products) == (window == (2, 2))
