@@ -236,3 +236,25 @@ def test_ras_reorients_cases_stored_in_other_orientations_alike(tmp_path):
     np.testing.assert_allclose(np.asarray(monai), items[1]['image'].numpy())
     # without ras the arrays are as stored
     assert torch.equal(VolumeDataset(tmp_path / 'lps')[0]['image'][0], torch.from_numpy(data[::-1, ::-1].copy()))
+
+
+@pytest.mark.parametrize('num_classes', [2, 3])
+def test_a_class_count_above_every_label_is_warned_after_validation(num_classes):
+    import warnings
+
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+    rng = torch.Generator().manual_seed(0)
+    cases = [{'image': torch.rand(1, 16, 16, generator=rng), 'label': (torch.rand(16, 16, generator=rng) > 0.7).long()}
+             for _ in range(4)]
+    trainer = pl.Trainer(accelerator='cpu', logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        trainer.validate(_task(num_classes), DataLoader(cases, batch_size=2), verbose=False)
+    warned = [str(w.message) for w in seen if 'never occur' in str(w.message)]
+    # labels 0 and 1 only: a third class is warned about, once; two classes fit them
+    assert warned == ([] if num_classes == 2 else [
+        'num_classes=3, but no label of the validation split (nor of the first training batch) is above 1: '
+        'classes 2..2 never occur, and their outputs only learn to be absent; set num_classes to the largest '
+        'label + 1 if that is not meant'])

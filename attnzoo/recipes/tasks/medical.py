@@ -4,6 +4,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 import attnzoo  # noqa: F401  (registers the az_* models with timm)
@@ -137,6 +138,22 @@ class MedicalSegmentationTask(BaseTask):
         if low < 0 or high >= n:
             raise ValueError(f'labels hold values from {low} to {high}, outside 0..{n - 1} of num_classes={n}: '
                              'set num_classes to the largest label + 1, or map the labels to 0..num_classes-1')
+        self.highest_label = max(getattr(self, 'highest_label', 0), high)
+
+    def on_validation_epoch_end(self) -> None:
+        # the data modules know no class count, so a num_classes larger than the labels need shows
+        # only here: after a whole validation split (every rank's) without the top classes
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking or getattr(self, 'class_count_checked', False):
+            return
+        self.class_count_checked = True
+        high = torch.tensor(getattr(self, 'highest_label', 0), device=self.device)
+        high = int(trainer.strategy.reduce(high, reduce_op='max'))
+        n = self.hparams.num_classes
+        if high < n - 1:
+            rank_zero_warn(f'num_classes={n}, but no label of the validation split (nor of the first training '
+                           f'batch) is above {high}: classes {high + 1}..{n - 1} never occur, and their outputs '
+                           'only learn to be absent; set num_classes to the largest label + 1 if that is not meant')
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y, _ = self._unpack(batch)
