@@ -246,10 +246,12 @@ def test_bad_shapes_raise():
         AgentAttention(8, 2, agent_num=8)
 
 
-def test_inference_products_equal_sdpa(monkeypatch):
+@pytest.mark.parametrize('rank', [3, 4])
+def test_inference_products_equal_sdpa(monkeypatch, rank):
     # eager CUDA inference takes the explicit products (attention_products); forced on the CPU here,
-    # they give SDPA's result, the biases broadcast as the op gives them
+    # they give SDPA's result, the biases broadcast as the op gives them (3-D on CUDA, 4-D on the CPU)
     module = importlib.import_module('attnzoo.kernels.agent_attention')  # the op shadows its module
+    monkeypatch.setattr(module, '_mask_rank', lambda device: rank)
     inputs = _inputs()
     want = agent_attention(*inputs, scale=0.4)
     monkeypatch.setattr(module, 'products_for_inference', lambda *t: True)
