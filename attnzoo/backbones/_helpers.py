@@ -178,20 +178,25 @@ def describe_read_error(e: BaseException) -> str:
     return f'{type(e).__name__}: {detail[:200]}'
 
 
+def _raise_if_damaged(e: BaseException, what: str, file_exists: bool) -> None:
+    """Raise CheckpointReadError for ``e`` where it says the file named by ``what`` is damaged.
+    torch reports a truncated zip as an OSError, which counts as damage where the file exists."""
+    damaged = _read_error(e) or (e if file_exists and isinstance(e, OSError) else None)
+    if damaged is not None:
+        raise CheckpointReadError(f'{what} could not be read: corrupt, truncated or not a checkpoint '
+                                  f'({describe_read_error(damaged)})') from e
+
+
 def raise_read_failure(e: BaseException, what: str, hint: str) -> None:
     """Raise CheckpointReadError for ``e``, raised while reading the existing file named by ``what``
     (e.g. ``'checkpoint /x/y.pth'``), where the file holds other objects than tensors (``hint`` says
     how to load such a file when it is trusted) or is damaged; return for any other error, which
-    the caller re-raises. torch reports a truncated zip as an OSError, so an OSError counts as
-    damage here: the caller has checked that the file exists."""
+    the caller re-raises."""
     if 'Unsupported global' in str(e):
         raise CheckpointReadError(
             f'{what} holds objects other than tensors and plain values; if you trust it, load it with '
             f'torch.load(path, weights_only=False) and {hint}') from e
-    damaged = _read_error(e) or (e if isinstance(e, OSError) else None)
-    if damaged is not None:
-        raise CheckpointReadError(f'{what} could not be read: corrupt, truncated or not a checkpoint '
-                                  f'({describe_read_error(damaged)})') from e
+    _raise_if_damaged(e, what, file_exists=True)
 
 
 def build_backbone(
@@ -236,11 +241,8 @@ def build_backbone(
             source = f'pretrained weights for {variant}: {file} from Hugging Face repository {cfg.hf_hub_id!r}'
         else:
             source = f'pretrained weights for {variant}: URL {cfg.url}'
-        # a file that is there but fails to load is damaged; torch reports a truncated zip as an OSError
-        damaged = _read_error(e) or (e if cfg.file and os.path.isfile(cfg.file) and isinstance(e, OSError) else None)
-        if damaged is not None:
-            raise CheckpointReadError(f'{source} could not be read: corrupt, truncated or not a checkpoint '
-                                      f'({describe_read_error(damaged)})') from e
+        # a file that is there but fails to load is damaged
+        _raise_if_damaged(e, source, file_exists=bool(cfg.file) and os.path.isfile(cfg.file))
         if not isinstance(e, OSError):
             raise
         if cfg.file:
