@@ -126,10 +126,10 @@ class BaseDataModule(pl.LightningDataModule):
         dataset = self.dataset('train')
         world, rank = self._replicas()
         trainer = self.trainer
+        # the epoch asked of the trainer when each epoch's iteration starts: a resumed run's, which
+        # Lightning's own set_epoch gives one ahead after a step budget
         sampler = TrainSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.run_seed,
                                current_epoch=(lambda: trainer.current_epoch) if trainer is not None else None)
-        if trainer is not None:  # a resumed run's epoch: Lightning sets it later, after workers have started
-            sampler.set_epoch(trainer.current_epoch)
         if len(sampler) < self.batch_size:
             raise ValueError(f'the training split has {len(sampler)} samples per process, fewer than a batch '
                              f'({self.batch_size}): lower data.init_args.batch_size')
