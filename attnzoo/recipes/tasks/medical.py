@@ -107,6 +107,9 @@ class MedicalSegmentationTask(BaseTask):
         self.test_hd95 = MeanMetric(nan_strategy='ignore')
         self.val_loss = MeanMetric()
         self.samples: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # the largest label seen (``_check_labels``), for the class-count warning after validation
+        self.highest_label = 0
+        self.class_count_checked = False
 
     # ------------------------------------------------------------------------------------------ batches
 
@@ -138,16 +141,16 @@ class MedicalSegmentationTask(BaseTask):
         if low < 0 or high >= n:
             raise ValueError(f'labels hold values from {low} to {high}, outside 0..{n - 1} of num_classes={n}: '
                              'set num_classes to the largest label + 1, or map the labels to 0..num_classes-1')
-        self.highest_label = max(getattr(self, 'highest_label', 0), high)
+        self.highest_label = max(self.highest_label, high)
 
     def on_validation_epoch_end(self) -> None:
         # the data modules know no class count, so a num_classes larger than the labels need shows
         # only here: after a whole validation split (every rank's) without the top classes
         trainer = self._trainer
-        if trainer is None or trainer.sanity_checking or getattr(self, 'class_count_checked', False):
+        if trainer is None or trainer.sanity_checking or self.class_count_checked:
             return
         self.class_count_checked = True
-        high = torch.tensor(getattr(self, 'highest_label', 0), device=self.device)
+        high = torch.tensor(self.highest_label, device=self.device)
         high = int(trainer.strategy.reduce(high, reduce_op='max'))
         n = self.hparams.num_classes
         if high < n - 1:
