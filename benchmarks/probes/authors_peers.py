@@ -36,8 +36,8 @@ SOURCES: Dict[str, Tuple[str, List[str]]] = {
     'litv2': ('ziplab+LITv2', [f'classification/models/{f}.py'
                                for f in ('litv2', 'attentions', 'blocks', 'layers', 'patch_embed')]),
     'stvit': ('hhb072+STViT', ['models/stvit.py']),
-    'agent': ('LeapLabTHU+Agent-Attention', ['agent_transformer/models/agent_swin.py',
-                                             'agent_transformer/models/agent_pvt.py']),
+    'agent': ('LeapLabTHU+Agent-Attention', [f'agent_transformer/models/{f}.py'
+                                             for f in ('agent_swin', 'agent_pvt', 'agent_deit', 'deit')]),
 }
 
 
@@ -165,6 +165,29 @@ def agent_pvt_t() -> nn.Module:
 
 def agent_pvt_s() -> nn.Module:
     return _agent_pvt('agent_pvt_small')
+
+
+def _agent_deit() -> ModuleType:
+    """agent_deit.py, imported inside a package of its own (it imports ``.deit``), with timm's
+    ``register_model`` a no-op meanwhile: deit.py's registrations would replace timm's own
+    ``deit_*`` entries."""
+    import timm.models.registry as registry
+    package = types.ModuleType('authors_agent_models')
+    package.__path__ = [str(_authors_dir() / 'agent' / 'agent_transformer' / 'models')]
+    sys.modules.setdefault('authors_agent_models', package)
+    register = registry.register_model
+    registry.register_model = lambda fn: fn
+    try:
+        return importlib.import_module('authors_agent_models.agent_deit')
+    finally:
+        registry.register_model = register
+
+
+def agent_deit_t() -> nn.Module:
+    # agent_transformer/cfgs/agent_deit_t.yaml (agents 49-49-49-49) with agent_deit_tiny's sizes;
+    # the class itself, since its timm-0.4 builder's arguments are gone from timm 1.0
+    return _agent_deit().VisionTransformer(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                                           drop_path_rate=0., agent_num=['49', '49', '49', '49'])
 
 
 def copy_sources(mirrors: Path, out: Path) -> None:
