@@ -183,11 +183,19 @@ def _agent_deit() -> ModuleType:
         registry.register_model = register
 
 
+def _agent_deit_model(embed_dim: int, num_heads: int) -> nn.Module:
+    # agent_transformer/cfgs/agent_deit_{t,s}.yaml (agents 49-49-49-49) with agent_deit_{tiny,small}'s
+    # sizes; the class itself, since its timm-0.4 builder's arguments are gone from timm 1.0
+    return _agent_deit().VisionTransformer(img_size=224, patch_size=16, embed_dim=embed_dim, depth=12,
+                                           num_heads=num_heads, drop_path_rate=0., agent_num=['49'] * 4)
+
+
 def agent_deit_t() -> nn.Module:
-    # agent_transformer/cfgs/agent_deit_t.yaml (agents 49-49-49-49) with agent_deit_tiny's sizes;
-    # the class itself, since its timm-0.4 builder's arguments are gone from timm 1.0
-    return _agent_deit().VisionTransformer(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                                           drop_path_rate=0., agent_num=['49', '49', '49', '49'])
+    return _agent_deit_model(192, 3)
+
+
+def agent_deit_s() -> nn.Module:
+    return _agent_deit_model(384, 6)
 
 
 def copy_sources(mirrors: Path, out: Path) -> None:
