@@ -254,8 +254,8 @@ def test_inference_products_equal_sdpa(monkeypatch, rank):
     monkeypatch.setattr(module, '_mask_rank', lambda device: rank)
     inputs = _inputs()
     want = agent_attention(*inputs, scale=0.4)
+    explicit, calls = importlib.import_module('attnzoo.kernels.attention_products').attention_products, []
     monkeypatch.setattr(module, 'products_for_inference', lambda *t: True)
     monkeypatch.setattr(module, 'attention_products', lambda *a, **kw: calls.append(1) or explicit(*a, **kw))
-    explicit, calls = importlib.import_module('attnzoo.kernels.attention_products').attention_products, []
     torch.testing.assert_close(agent_attention(*inputs, scale=0.4), want, rtol=1e-12, atol=1e-12)
     assert len(calls) == 2

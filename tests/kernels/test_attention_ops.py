@@ -176,10 +176,9 @@ def test_window_attention_takes_the_products_for_small_windows_only(monkeypatch,
     # on the CPU the choice says no: forced here, the op's result stays the loops' and only windows
     # of a few positions take the products
     module = importlib.import_module('attnzoo.kernels.window_attention')  # the op shadows its module
-    products = []
+    explicit, products = importlib.import_module('attnzoo.kernels.attention_products').attention_products, []
     monkeypatch.setattr(module, 'products_for_inference', lambda *t: True)
     monkeypatch.setattr(module, 'attention_products', lambda *a, **kw: products.append(1) or explicit(*a, **kw))
-    explicit = importlib.import_module('attnzoo.kernels.attention_products').attention_products
     q, k, v = (torch.randn(2, 14, 14, 3, 4, dtype=torch.float64) for _ in range(3))
     torch.testing.assert_close(window_attention(q, k, v, window), window_attention_loops(q, k, v, window, 0.5),
                                rtol=1e-12, atol=1e-12)
