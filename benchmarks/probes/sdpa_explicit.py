@@ -38,6 +38,8 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from probe_shared import SdpaShim, interleaved_ms, model_bench  # noqa: E402
 
+from attnzoo.kernels.attention_products import attention_products  # noqa: E402
+
 # the package's modules that call F.scaled_dot_product_attention (the kernel ops shadow their
 # modules' names in attnzoo.kernels, hence sys.modules)
 MODULES = ('attnzoo.kernels.window_attention', 'attnzoo.kernels.hilo', 'attnzoo.kernels.agent_attention',
@@ -45,14 +47,10 @@ MODULES = ('attnzoo.kernels.window_attention', 'attnzoo.kernels.hilo', 'attnzoo.
 
 
 def explicit_attention(q, k, v, attn_mask=None, dropout_p=0., is_causal=False, scale=None, enable_gqa=False):
-    """SDPA's contract (no dropout, no causal mask) as ``softmax(scale q k^T + mask) v``."""
+    """SDPA's signature (no dropout, no causal mask) over the package's explicit products."""
     if dropout_p or is_causal or enable_gqa:
         raise NotImplementedError('the probe covers the calls our blocks make')
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q * scale) @ k.transpose(-2, -1)
-    if attn_mask is not None:
-        scores = scores + attn_mask
-    return scores.softmax(-1).to(v.dtype) @ v
+    return attention_products(q, k, v, attn_mask, scale)
 
 
 def set_explicit(modules: List[str]) -> None:
